@@ -1,0 +1,21 @@
+"""One place that decides whether an object is a CUDA device array."""
+
+
+def is_device_array(value):
+    """True for anything that lives on a CUDA device.
+
+    Recognises objects exposing ``__cuda_array_interface__`` (Numba device
+    arrays, CuPy arrays, PyTorch CUDA tensors) and the simulator's device
+    arrays, which have no such attribute but, like Numba's own device arrays,
+    carry ``__cuda_ndarray__``. PyTorch raises from the attribute
+    for tensors that require grad: such a tensor is still a device array.
+    """
+    if isinstance(value, type):
+        return False
+    try:
+        getattr(value, "__cuda_array_interface__")
+    except AttributeError:
+        return bool(getattr(value, "__cuda_ndarray__", False))
+    except Exception:
+        return True
+    return True
