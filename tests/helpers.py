@@ -1,0 +1,25 @@
+"""Shared test helpers: random problems, comparison, the backends under test."""
+import numpy as np
+
+import nblstm
+from nblstm.verify import TOLERANCE, as_float64, random_problem, relative_error, run
+
+__all__ = ["TOLERANCE", "as_float64", "random_problem", "relative_error", "run",
+           "assert_matches_reference", "host_backends"]
+
+
+def host_backends():
+    """The compiled backends that run on host arrays here."""
+    return [name for name, status in nblstm.available_backends().items()
+            if status.available and name not in ("numpy",)]
+
+
+def assert_matches_reference(actual, problem, names=None):
+    """Every output in ``actual`` matches the float64 reference on ``problem``'s inputs."""
+    dtype = problem["x"].dtype
+    expected = run(as_float64(problem), "numpy")
+    for name in names or actual:
+        assert actual[name].dtype == dtype, f"{name} has dtype {actual[name].dtype}, not {dtype}"
+        assert actual[name].shape == expected[name].shape, name
+        error = relative_error(actual[name], expected[name])
+        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"
