@@ -1,49 +1,99 @@
 """The host backends: ``"numpy"`` (the reference) and ``"cpu"`` (Numba).
 
-Each backend exposes the same two functions, on time-major contiguous data:
-
-``forward(x, params, h0, c0, training, y) -> (h_n, c_n, saved)``
-    x: (T, B, I); h0, c0: (B, H); y: (T, B, H) out (any strides).
-    ``saved`` is ``(gates (T, B, 4H), hidden_states (T+1, B, H),
-    cell_states (T+1, B, H))`` when training, else None.
-
-``backward(x, params, saved, dy, dh_n, dc_n) -> (dx, dh0, dc0, dW_x, dW_h, db)``
-    dy: (T, B, H) or None; dh_n, dc_n: (B, H).
+Every backend offers the same methods (see :class:`HostBackend`); the public
+API validates arguments, then hands them to one of these. Backends work on
+time-major data: ``x (T, B, I)``, ``y (T, B, H)``, states ``(B, H)``.
 """
 import numpy as np
 
 from . import reference
+from ._device import is_device_array
 from ._threads import parallel_section
 from .params import N_GATES
 
 
-class NumpyBackend:
+class HostBackend:
+    """Shared host-memory handling; subclasses implement ``_forward``/``_backward``."""
+
+    name = None
+
+    def adopt(self, value, argument):
+        """``value`` as this backend accepts it; device arrays are refused."""
+        if is_device_array(value):
+            raise TypeError(f"{argument} is a CUDA device array, but backend {self.name!r} runs "
+                            "on the host: use backend='cuda' or copy it to the host")
+        return value
+
+    def params(self, params):
+        """The parameters as this backend computes with them (host arrays: as they are)."""
+        for name in ("W_x", "W_h", "b"):
+            self.adopt(getattr(params, name), f"params.{name}")
+        return params
+
+    def hand_back(self, arrays, to_host):
+        """Results as the caller receives them (host arrays already)."""
+        return arrays
+
+    def time_major(self, array, batch_first):
+        """One contiguous time-major copy when needed, the array itself otherwise."""
+        return np.ascontiguousarray(array.transpose(1, 0, 2) if batch_first else array)
+
+    def state(self, value, shape, dtype):
+        """A (B, H) state or its gradient; zeros when None. Never written by the kernels."""
+        return np.zeros(shape, dtype) if value is None else value
+
+    def forward(self, x, params, h0, c0, training, batch_first):
+        """Run the layer.
+
+        x: (T, B, I) contiguous; h0, c0: (B, H).
+
+        Returns ``(y, h_n, c_n, saved)`` with y (T, B, H), or (B, T, H) when
+        ``batch_first``; ``saved`` is ``(gates (T, B, 4H), hidden_states
+        (T+1, B, H), cell_states (T+1, B, H))`` when training, else None.
+        """
+        steps, batch, _ = x.shape
+        if batch_first:
+            y = np.empty((batch, steps, params.hidden_size), x.dtype)
+            y_time_major = y.transpose(1, 0, 2)
+        else:
+            y = y_time_major = np.empty((steps, batch, params.hidden_size), x.dtype)
+        h_n, c_n, saved = self._forward(x, params, h0, c0, training, y_time_major)
+        return y, h_n, c_n, saved
+
+    def backward(self, x, params, saved, dy, dh_n, dc_n, batch_first):
+        """Backpropagate; dy (T, B, H) contiguous or None; dh_n, dc_n (B, H).
+
+        Returns ``(dx, dh0, dc0, dW_x, dW_h, db)``; dx is (B, T, I) when ``batch_first``.
+        """
+        dx, dh0, dc0, dw_x, dw_h, db = self._backward(x, params, saved, dy, dh_n, dc_n)
+        if batch_first:
+            dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
+        return dx, dh0, dc0, dw_x, dw_h, db
+
+
+class NumpyBackend(HostBackend):
     """The reference, in the inputs' dtype."""
 
     name = "numpy"
 
-    @staticmethod
-    def forward(x, params, h0, c0, training, y):
-        y_ref, gates, hidden_states, cell_states = reference.forward(
+    def _forward(self, x, params, h0, c0, training, y):
+        y[...], gates, hidden_states, cell_states = reference.forward(
             x, params.W_x, params.W_h, params.b, h0, c0)
-        y[...] = y_ref
         saved = (gates, hidden_states, cell_states) if training else None
         return hidden_states[-1].copy(), cell_states[-1].copy(), saved
 
-    @staticmethod
-    def backward(x, params, saved, dy, dh_n, dc_n):
+    def _backward(self, x, params, saved, dy, dh_n, dc_n):
         gates, hidden_states, cell_states = saved
         return reference.backward(x, params.W_x, params.W_h, gates, hidden_states,
                                   cell_states, dy, dh_n, dc_n)
 
 
-class CPUBackend:
+class CPUBackend(HostBackend):
     """Numba ``parallel=True`` kernels from :mod:`nblstm.kernels.cpu`."""
 
     name = "cpu"
 
-    @staticmethod
-    def forward(x, params, h0, c0, training, y):
+    def _forward(self, x, params, h0, c0, training, y):
         from .kernels import cpu
 
         steps, batch, _ = x.shape
@@ -61,8 +111,7 @@ class CPUBackend:
         saved = (gates, hidden_states, cell_states) if training else None
         return hidden_states[last].copy(), cell_states[last].copy(), saved
 
-    @staticmethod
-    def backward(x, params, saved, dy, dh_n, dc_n):
+    def _backward(self, x, params, saved, dy, dh_n, dc_n):
         from .kernels import cpu
 
         gates, hidden_states, cell_states = saved
@@ -74,4 +123,9 @@ class CPUBackend:
                                 dy, dh_n.copy(), dc_n.copy(), d_gates)
 
 
-HOST_BACKENDS = {"numpy": NumpyBackend, "cpu": CPUBackend}
+def get_backend(name):
+    """The backend object for ``name`` ("numpy", "cpu" or "cuda")."""
+    if name == "cuda":
+        from ._cuda_backend import CUDABackend
+        return CUDABackend()
+    return {"numpy": NumpyBackend, "cpu": CPUBackend}[name]()

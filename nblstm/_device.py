@@ -19,3 +19,16 @@ def is_device_array(value):
     except Exception:
         return True
     return True
+
+
+def as_device_array(value):
+    """A Numba device array viewing ``value``, a device array of any library.
+
+    Numba's (and the simulator's) own device arrays are returned as they are;
+    others are wrapped through the CUDA Array Interface, without a copy.
+    """
+    if getattr(value, "__cuda_ndarray__", False):
+        return value
+    from numba import cuda
+
+    return cuda.as_cuda_array(value)

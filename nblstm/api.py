@@ -4,11 +4,13 @@ from typing import Optional
 
 import numpy as np
 
-from ._backends import HOST_BACKENDS
+from ._availability import cuda_status
+from ._backends import get_backend
+from ._device import is_device_array
 from ._validation import check_array, check_float_dtype, check_tensor
 from .params import LSTMParams
 
-BACKEND_NAMES = ("auto", "numpy", "cpu")
+BACKEND_NAMES = ("auto", "numpy", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class LSTMCache:
         States of every step; row 0 is the initial state.
     batch_first : bool
         Layout of the caller's x/y, which dy and dx follow.
+    host_outputs : bool
+        Whether the forward input was a host array; backward then returns
+        host (NumPy) arrays, else device arrays. For ``"cuda"`` every saved
+        array (and ``params``) lives on the device either way.
     """
 
     backend: str
@@ -38,6 +44,7 @@ class LSTMCache:
     hidden_states: np.ndarray
     cell_states: np.ndarray
     batch_first: bool
+    host_outputs: bool = True
 
     @property
     def steps(self):
@@ -78,24 +85,22 @@ class Grads:
         return LSTMParams(W_x=self.dW_x, W_h=self.dW_h, b=self.db)
 
 
-def _resolve_backend(backend):
+def _resolve_backend(backend, x):
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    return "cpu" if backend == "auto" else backend
+    if backend == "auto":
+        backend = "cuda" if is_device_array(x) else "cpu"
+    if backend == "cuda" and not cuda_status().available:
+        raise ValueError(f"backend 'cuda' cannot run here: {cuda_status()}")
+    return get_backend(backend)
 
 
-def _time_major(array, batch_first):
-    """One contiguous time-major copy when needed, the array itself otherwise."""
-    if batch_first:
-        array = array.transpose(1, 0, 2)
-    return np.ascontiguousarray(array)
-
-
-def _state_or_zeros(state, name, shape, dtype):
-    if state is None:
-        return np.zeros(shape, dtype)
-    check_tensor(state, name, shape, dtype, "(B, H)")
-    return state
+def _state(impl, state, name, shape, dtype):
+    if state is not None:
+        check_array(state, name, ndim=2)
+        state = impl.adopt(state, name)
+        check_tensor(state, name, shape, dtype, "(B, H)")
+    return impl.state(state, shape, dtype)
 
 
 def forward(x, params, h0=None, c0=None, *, backend="auto", training=True, batch_first=False):
@@ -109,8 +114,10 @@ def forward(x, params, h0=None, c0=None, *, backend="auto", training=True, batch
         Weights of the same dtype as x, with ``params.input_size == I``.
     h0, c0 : (B, H) arrays, optional
         Initial states; zeros when omitted.
-    backend : {"auto", "numpy", "cpu"}
-        ``"auto"`` picks ``"cpu"`` for host arrays.
+    backend : {"auto", "numpy", "cpu", "cuda"}
+        ``"auto"`` picks ``"cuda"`` for device arrays (anything with the
+        CUDA Array Interface) and ``"cpu"`` otherwise. With ``"cuda"``, host
+        inputs give host outputs and device inputs give Numba device arrays.
     training : bool
         When False nothing is saved for backward (``cache`` is None) and the
         pass is cheaper.
@@ -126,15 +133,18 @@ def forward(x, params, h0=None, c0=None, *, backend="auto", training=True, batch
     cache : LSTMCache or None
         What :func:`backward` needs; None when ``training=False``.
     """
-    name = _resolve_backend(backend)
+    impl = _resolve_backend(backend, x)
     check_array(x, "x", ndim=3)
+    to_host = not is_device_array(x)
+    x = impl.adopt(x, "x")
     dtype = check_float_dtype(x, "x")
     if not isinstance(params, LSTMParams):
         raise TypeError(f"params must be an nblstm.LSTMParams, got {type(params).__name__}")
     if params.dtype != dtype:
         raise TypeError(f"params have dtype {params.dtype} but x has {dtype}: "
                         "nblstm never casts, convert one of them")
-    x_tm = _time_major(x, batch_first)
+    params = impl.params(params)
+    x_tm = impl.time_major(x, batch_first)
     steps, batch, inputs = x_tm.shape
     layout = "(B, T, I)" if batch_first else "(T, B, I)"
     if inputs != params.input_size:
@@ -143,18 +153,14 @@ def forward(x, params, h0=None, c0=None, *, backend="auto", training=True, batch
     if steps < 1 or batch < 1:
         raise ValueError(f"x must have shape {layout} with T >= 1 and B >= 1, got {tuple(x.shape)}")
     state_shape = (batch, params.hidden_size)
-    h0 = _state_or_zeros(h0, "h0", state_shape, dtype)
-    c0 = _state_or_zeros(c0, "c0", state_shape, dtype)
-
-    if batch_first:
-        y = np.empty((batch, steps, params.hidden_size), dtype)
-        y_tm = y.transpose(1, 0, 2)
-    else:
-        y = y_tm = np.empty((steps, batch, params.hidden_size), dtype)
-    h_n, c_n, saved = HOST_BACKENDS[name].forward(x_tm, params, h0, c0, training, y_tm)
+    h0 = _state(impl, h0, "h0", state_shape, dtype)
+    c0 = _state(impl, c0, "c0", state_shape, dtype)
+    y, h_n, c_n, saved = impl.forward(x_tm, params, h0, c0, training, batch_first)
+    y, h_n, c_n = impl.hand_back([y, h_n, c_n], to_host)
     cache = None
     if training:
-        cache = LSTMCache(name, params, x_tm, *saved, batch_first=batch_first)
+        cache = LSTMCache(impl.name, params, x_tm, *saved, batch_first=batch_first,
+                          host_outputs=to_host)
     return y, (h_n, c_n), cache
 
 
@@ -189,17 +195,18 @@ def backward(cache, dy, dh_n=None, dc_n=None):
         if tuple(getattr(cache, field).shape) != shape:
             raise ValueError(f"cache.{field} has shape {tuple(getattr(cache, field).shape)}, "
                              f"but cache.x and cache.params imply {shape}: the cache is corrupt")
+    impl = get_backend(cache.backend)
     if dy is not None:
         y_shape = (batch, steps, hidden) if cache.batch_first else (steps, batch, hidden)
+        check_array(dy, "dy", ndim=3)
+        dy = impl.adopt(dy, "dy")
         check_tensor(dy, "dy", y_shape, dtype,
                      "(B, T, H)" if cache.batch_first else "(T, B, H)")
-        dy = _time_major(dy, cache.batch_first)
+        dy = impl.time_major(dy, cache.batch_first)
     state_shape = (batch, hidden)
-    dh_n = _state_or_zeros(dh_n, "dh_n", state_shape, dtype)
-    dc_n = _state_or_zeros(dc_n, "dc_n", state_shape, dtype)
+    dh_n = _state(impl, dh_n, "dh_n", state_shape, dtype)
+    dc_n = _state(impl, dc_n, "dc_n", state_shape, dtype)
     saved = (cache.gates, cache.hidden_states, cache.cell_states)
-    dx, dh0, dc0, dw_x, dw_h, db = HOST_BACKENDS[cache.backend].backward(
-        cache.x, cache.params, saved, dy, dh_n, dc_n)
-    if cache.batch_first:
-        dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
+    results = impl.backward(cache.x, cache.params, saved, dy, dh_n, dc_n, cache.batch_first)
+    dx, dh0, dc0, dw_x, dw_h, db = impl.hand_back(results, cache.host_outputs)
     return Grads(dx=dx, dh0=dh0, dc0=dc0, dW_x=dw_x, dW_h=dw_h, db=db)

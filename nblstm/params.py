@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._device import as_device_array, is_device_array
 from ._validation import check_array, check_float_dtype
 
 #: Number of gates stacked along the 4H axis, in the order i, f, g, o.
@@ -22,8 +23,11 @@ class LSTMParams:
     b : (4H,) array
         Bias (the sum of PyTorch's ``bias_ih`` and ``bias_hh``).
 
-    All three share one floating dtype (float32 or float64). The arrays are
-    held by reference and never written by nblstm.
+    All three share one floating dtype (float32 or float64). They may be
+    NumPy arrays or CUDA device arrays (any library's, held as Numba device
+    arrays); host parameters are uploaded on every ``"cuda"`` call, so keep a
+    :meth:`to_device` copy for repeated GPU calls. The arrays are held by
+    reference and never written by nblstm.
     """
 
     W_x: np.ndarray
@@ -33,6 +37,8 @@ class LSTMParams:
     def __post_init__(self):
         for name in ("W_x", "W_h", "b"):
             check_array(getattr(self, name), name, ndim=2 if name != "b" else 1)
+            if is_device_array(getattr(self, name)):
+                object.__setattr__(self, name, as_device_array(getattr(self, name)))
         dtype = check_float_dtype(self.W_x, "W_x")
         hidden = self.W_h.shape[0]
         expected = {"W_x": (self.W_x.shape[0], N_GATES * hidden),
@@ -40,10 +46,10 @@ class LSTMParams:
                     "b": (N_GATES * hidden,)}
         for name, shape in expected.items():
             array = getattr(self, name)
-            if array.shape != shape:
+            if tuple(array.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} (I={self.W_x.shape[0]}, "
                                  f"H={hidden} from W_h), got {array.shape}")
-            if array.dtype != dtype:
+            if np.dtype(array.dtype) != dtype:
                 raise TypeError(f"{name} has dtype {array.dtype}, but W_x has {dtype}: "
                                 "all parameters must share one dtype")
 
@@ -62,10 +68,32 @@ class LSTMParams:
         """The parameters' dtype (float32 or float64)."""
         return self.W_x.dtype
 
+    @property
+    def on_device(self):
+        """True when the arrays are CUDA device arrays."""
+        return is_device_array(self.W_x)
+
     def astype(self, dtype):
-        """A copy of the parameters in ``dtype``."""
-        return LSTMParams(W_x=self.W_x.astype(dtype), W_h=self.W_h.astype(dtype),
-                          b=self.b.astype(dtype))
+        """A host copy of the parameters in ``dtype``."""
+        host = self.to_host()
+        return LSTMParams(W_x=host.W_x.astype(dtype), W_h=host.W_h.astype(dtype),
+                          b=host.b.astype(dtype))
+
+    def to_device(self):
+        """The parameters as contiguous CUDA device arrays (uploaded once).
+
+        Needs numba-cuda (``pip install "nblstm[cuda13]"``) and a GPU or the simulator.
+        """
+        from numba import cuda
+
+        return LSTMParams(*(array if is_device_array(array)
+                            else cuda.to_device(np.ascontiguousarray(array))
+                            for array in (self.W_x, self.W_h, self.b)))
+
+    def to_host(self):
+        """The parameters as NumPy arrays (device arrays are copied back)."""
+        return LSTMParams(*(array.copy_to_host() if is_device_array(array) else array
+                            for array in (self.W_x, self.W_h, self.b)))
 
     @classmethod
     def from_gates(cls, W_f, W_i, W_C, W_o, b_f, b_i, b_C, b_o):

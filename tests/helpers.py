@@ -5,11 +5,11 @@ import nblstm
 from nblstm.verify import TOLERANCE, as_float64, random_problem, relative_error, run
 
 __all__ = ["TOLERANCE", "as_float64", "random_problem", "relative_error", "run",
-           "assert_matches_reference", "host_backends"]
+           "assert_matches_reference", "compiled_backends"]
 
 
-def host_backends():
-    """The compiled backends that run on host arrays here."""
+def compiled_backends():
+    """The compiled backends that run here ("cuda" only with a real GPU or the simulator)."""
     return [name for name, status in nblstm.available_backends().items()
             if status.available and name not in ("numpy",)]
 

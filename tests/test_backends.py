@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import nblstm
-from helpers import (TOLERANCE, as_float64, assert_matches_reference, host_backends,
+from helpers import (TOLERANCE, as_float64, assert_matches_reference, compiled_backends,
                      random_problem, relative_error, run)
 
 # (T, B, I, H): B=1, T=1, H not a multiple of 8, I != H, more units than one tile.
@@ -12,7 +12,7 @@ SHAPES = [(1, 1, 1, 1), (1, 3, 4, 5), (6, 1, 7, 3), (5, 4, 3, 9), (3, 10, 17, 33
 DTYPES = [np.float32, np.float64]
 
 
-@pytest.fixture(params=host_backends())
+@pytest.fixture(params=compiled_backends())
 def backend(request):
     return request.param
 

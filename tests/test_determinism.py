@@ -5,12 +5,12 @@ import numba
 import numpy as np
 import pytest
 
-from helpers import assert_matches_reference, host_backends, random_problem, run
+from helpers import assert_matches_reference, compiled_backends, random_problem, run
 
 SHAPE = (6, 10, 7, 37)
 
 
-@pytest.fixture(params=host_backends())
+@pytest.fixture(params=compiled_backends())
 def backend(request):
     return request.param
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import nblstm
-from helpers import assert_matches_reference, host_backends, random_problem, run
+from helpers import assert_matches_reference, compiled_backends, random_problem, run
 
 T, B, I, H = 4, 3, 5, 6
 
@@ -38,7 +38,7 @@ BAD_FORWARD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["numpy"] + host_backends())
+@pytest.mark.parametrize("backend", ["numpy"] + compiled_backends())
 @pytest.mark.parametrize("argument,change,error,message", BAD_FORWARD,
                          ids=[f"{case[0]}-{n}" for n, case in enumerate(BAD_FORWARD)])
 def test_forward_rejects(problem, backend, argument, change, error, message):
@@ -103,7 +103,7 @@ def test_from_gates_rejects_mismatched_shapes():
         nblstm.LSTMParams.from_gates(*weights, *biases[:2], np.ones(4), biases[3])
 
 
-@pytest.mark.parametrize("backend", host_backends())
+@pytest.mark.parametrize("backend", compiled_backends())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_inputs_are_never_written(backend, dtype):
     problem = random_problem(T, B, I, H, dtype, np.random.default_rng(5))
@@ -116,7 +116,7 @@ def test_inputs_are_never_written(backend, dtype):
         np.testing.assert_array_equal(getattr(problem["params"], name), value, err_msg=name)
 
 
-@pytest.mark.parametrize("backend", host_backends())
+@pytest.mark.parametrize("backend", compiled_backends())
 def test_non_contiguous_inputs(backend):
     rng = np.random.default_rng(6)
     problem = random_problem(T, B, I, H, np.float64, rng)
@@ -141,7 +141,7 @@ def test_non_contiguous_inputs(backend):
     assert_matches_reference(run(odd, backend), problem)
 
 
-@pytest.mark.parametrize("backend", ["numpy"] + host_backends())
+@pytest.mark.parametrize("backend", ["numpy"] + compiled_backends())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_non_finite_inputs_follow_ieee_without_warnings(backend, dtype):
     problem = random_problem(3, 2, 4, 5, dtype, np.random.default_rng(12))
@@ -163,7 +163,7 @@ def test_non_finite_inputs_follow_ieee_without_warnings(backend, dtype):
     assert np.isnan(grads.dW_x).any()
 
 
-@pytest.mark.parametrize("backend", ["numpy"] + host_backends())
+@pytest.mark.parametrize("backend", ["numpy"] + compiled_backends())
 def test_saturated_pre_activations_give_exact_gate_limits(backend):
     hidden = 3
     params = nblstm.LSTMParams(W_x=np.zeros((1, 4 * hidden)), W_h=np.zeros((hidden, 4 * hidden)),

@@ -1,0 +1,170 @@
+"""The "cuda" backend against the reference, and its device-array contract.
+
+Runs in its own process (tests/test_cuda_suite.py): on a real GPU when there
+is one, else under Numba's simulator with tiny shapes.
+"""
+import numpy as np
+import pytest
+from numba import config, cuda
+
+import nblstm
+from helpers import (TOLERANCE, as_float64, assert_matches_reference, random_problem,
+                     relative_error, run)
+from nblstm._device import is_device_array
+
+DTYPES = [np.float32, np.float64]
+# (T, B, I, H): B=1, T=1, I != H, H and 4H not multiples of the simulator's tile (4).
+SHAPES = [(1, 1, 1, 1), (3, 2, 3, 5), (2, 3, 6, 3), (4, 1, 2, 7)]
+
+pytestmark = pytest.mark.skipif(not nblstm.available_backends()["cuda"].available,
+                                reason="no GPU and not under the simulator")
+
+
+def to_device_problem(problem):
+    moved = {k: cuda.to_device(v) for k, v in problem.items() if k != "params"}
+    moved["params"] = problem["params"].to_device()
+    return moved
+
+
+def host(value):
+    return value.copy_to_host() if is_device_array(value) else value
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(shape, dtype):
+    problem = random_problem(*shape, dtype, np.random.default_rng(sum(shape)))
+    actual = run(problem, "cuda")
+    for name, value in actual.items():
+        assert isinstance(value, np.ndarray), f"host inputs must give host {name}"
+    assert_matches_reference(actual, problem)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_device_inputs_give_device_outputs_without_host_copies(dtype, monkeypatch):
+    problem = random_problem(3, 2, 3, 5, dtype, np.random.default_rng(2))
+    on_device = to_device_problem(problem)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a host copy happened on the device-in/device-out path")
+
+    array_type = type(on_device["x"])
+    monkeypatch.setattr(array_type, "copy_to_host", forbidden)
+    monkeypatch.setattr(cuda, "to_device", forbidden)
+    actual = run(on_device, "auto")
+    monkeypatch.undo()
+    for name, value in actual.items():
+        assert is_device_array(value), f"{name} came back on the host"
+    assert_matches_reference({k: host(v) for k, v in actual.items()}, problem)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_host_and_device_arguments(dtype):
+    problem = random_problem(2, 3, 4, 3, dtype, np.random.default_rng(3))
+    mixed = dict(problem)
+    mixed["x"] = cuda.to_device(problem["x"])
+    mixed["dh_n"] = cuda.to_device(problem["dh_n"])
+    actual = run(mixed, "cuda")
+    assert is_device_array(actual["y"]) and is_device_array(actual["dW_h"])
+    assert_matches_reference({k: host(v) for k, v in actual.items()}, problem)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("with_dy", [True, False])
+def test_optional_states_and_dy(dtype, with_state, with_dy):
+    problem = random_problem(3, 2, 2, 3, dtype, np.random.default_rng(4))
+
+    def call(arrays, backend):
+        states = (arrays["h0"], arrays["c0"]) if with_state else (None, None)
+        y, (h_n, c_n), cache = nblstm.forward(arrays["x"], arrays["params"], *states,
+                                              backend=backend)
+        grads = nblstm.backward(cache, arrays["dy"] if with_dy else None, arrays["dh_n"])
+        return {"y": y, "h_n": h_n, "c_n": c_n, **vars(grads)}
+
+    actual = call(problem, "cuda")
+    expected = call(as_float64(problem), "numpy")
+    for name, value in expected.items():
+        assert relative_error(actual[name], value) <= TOLERANCE[np.dtype(dtype)], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_first_and_strided_device_input(dtype):
+    problem = random_problem(3, 2, 4, 5, dtype, np.random.default_rng(5))
+    x_bf = np.ascontiguousarray(problem["x"].transpose(1, 0, 2))
+    padded = np.zeros(x_bf.shape[:2] + (2 * x_bf.shape[2],), dtype)
+    padded[..., ::2] = x_bf
+    strided = cuda.to_device(padded)[:, :, ::2]
+    assert not strided.is_c_contiguous()
+    y, (h_n, _), cache = nblstm.forward(strided, problem["params"], backend="cuda",
+                                        batch_first=True)
+    grads = nblstm.backward(cache, cuda.to_device(
+        np.ascontiguousarray(problem["dy"].transpose(1, 0, 2))))
+    reference = as_float64(problem)
+    expected_y, _, expected_cache = nblstm.forward(reference["x"], reference["params"],
+                                                   backend="numpy")
+    expected = nblstm.backward(expected_cache, reference["dy"])
+    assert y.shape == (2, 3, 5) and grads.dx.shape == (2, 3, 4)
+    tolerance = TOLERANCE[np.dtype(dtype)]
+    assert relative_error(host(y).transpose(1, 0, 2), expected_y) <= tolerance
+    assert relative_error(host(grads.dx).transpose(1, 0, 2), expected.dx) <= tolerance
+    assert relative_error(host(grads.dW_x), expected.dW_x) <= tolerance
+
+
+def test_inference_matches_training():
+    problem = random_problem(4, 2, 3, 5, np.float64, np.random.default_rng(6))
+    y_train, (h_train, _), cache = nblstm.forward(problem["x"], problem["params"], backend="cuda")
+    y_infer, (h_infer, _), none = nblstm.forward(problem["x"], problem["params"], backend="cuda",
+                                                 training=False)
+    assert cache is not None and none is None
+    np.testing.assert_array_equal(y_infer, y_train)
+    np.testing.assert_array_equal(h_infer, h_train)
+
+
+def test_reruns_are_bit_identical():
+    problem = random_problem(3, 3, 4, 6, np.float32, np.random.default_rng(7))
+    first, second = run(problem, "cuda"), run(problem, "cuda")
+    for name, value in first.items():
+        np.testing.assert_array_equal(second[name], value, err_msg=name)
+
+
+def test_host_backends_refuse_device_arrays():
+    problem = random_problem(2, 2, 3, 4, np.float64, np.random.default_rng(8))
+    with pytest.raises(TypeError, match="x is a CUDA device array, but backend 'cpu'"):
+        nblstm.forward(cuda.to_device(problem["x"]), problem["params"], backend="cpu")
+    with pytest.raises(TypeError, match="params.W_x is a CUDA device array"):
+        nblstm.forward(problem["x"], problem["params"].to_device(), backend="numpy")
+    _, _, cache = nblstm.forward(problem["x"], problem["params"], backend="cpu")
+    with pytest.raises(TypeError, match="dy is a CUDA device array"):
+        nblstm.backward(cache, cuda.to_device(problem["dy"]))
+
+
+def test_device_inputs_are_validated_and_never_written():
+    problem = random_problem(2, 2, 3, 4, np.float32, np.random.default_rng(9))
+    on_device = to_device_problem(problem)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(B, H\)"):
+        nblstm.forward(on_device["x"], on_device["params"], cuda.to_device(problem["h0"][:1]))
+    with pytest.raises(TypeError, match="h0 has dtype float64"):
+        nblstm.forward(on_device["x"], on_device["params"],
+                       cuda.to_device(problem["h0"].astype(np.float64)))
+    run(on_device, "cuda")
+    for name in ("x", "h0", "c0", "dy", "dh_n", "dc_n"):
+        np.testing.assert_array_equal(on_device[name].copy_to_host(), problem[name], err_msg=name)
+    np.testing.assert_array_equal(on_device["params"].W_h.copy_to_host(), problem["params"].W_h)
+
+
+def test_availability_says_how_cuda_runs():
+    status = nblstm.available_backends()["cuda"]
+    assert status.available
+    assert ("simulator" in status) == bool(config.ENABLE_CUDASIM)
+
+
+def test_launch_config_fits_the_device():
+    from nblstm.kernels.cuda import launch_config
+
+    launch = launch_config()
+    assert launch.gemm_tile >= 1 and launch.pointwise_block >= 1
+    if not config.ENABLE_CUDASIM:
+        device = cuda.get_current_device()
+        assert launch.gemm_tile ** 2 <= device.MAX_THREADS_PER_BLOCK
+        assert launch.pointwise_block % device.WARP_SIZE == 0
