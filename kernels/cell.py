@@ -5,7 +5,7 @@ drivers inline it, and numba-cuda compiles the same definition for the GPU when
 a ``@cuda.jit`` kernel calls it. Constants are typed to the argument
 (``type(z)(1)``) so that float32 stays float32 on both targets.
 
-Gate order along the 4H axis is ``i, f, g, o`` (DESIGN.md).
+Gate order along the 4H axis is ``i, f, g, o``.
 """
 import math
 
@@ -25,6 +25,16 @@ def sigmoid(z):
 
 
 @njit(inline="always")
+def step_time(step, length, reverse):
+    """The time index a row reads at ``step`` of its direction.
+
+    Forward: ``step``; reverse: ``length - 1 - step``, so each sequence runs
+    backwards within its own length. Only meaningful when ``step < length``.
+    """
+    return length - 1 - step if reverse else step
+
+
+@njit(inline="always")
 def cell_forward(z_i, z_f, z_g, z_o, c_prev):
     """One unit of one step, from pre-activations to the new state.
 
@@ -41,18 +51,19 @@ def cell_forward(z_i, z_f, z_g, z_o, c_prev):
 
 
 @njit(inline="always")
-def cell_backward(i, f, g, o, c_prev, c, dh, dc_next):
-    """Backward through one unit of one step, from saved gates and states.
+def cell_backward(i, f, g, o, c_prev, dh, dc_next):
+    """Backward through one unit of one step, from the saved gates and c_{t-1}.
 
     ``dh`` is the total gradient reaching ``h_t`` and ``dc_next`` the gradient
-    reaching ``c_t`` from step t+1. Derivatives use the saved outputs:
+    reaching ``c_t`` from step t+1. ``c_t`` is recomputed exactly as the
+    forward pass computed it. Derivatives use the saved outputs:
     d sigma = y (1 - y), d tanh = 1 - y^2.
 
     Returns ``(dz_i, dz_f, dz_g, dz_o, dc_prev)``: gradients of the four
     pre-activations and of ``c_{t-1}``.
     """
-    one = type(c)(1)
-    tanh_c = math.tanh(c)
+    one = type(c_prev)(1)
+    tanh_c = math.tanh(f * c_prev + i * g)
     dc = dc_next + dh * o * (one - tanh_c * tanh_c)
     dz_i = dc * g * i * (one - i)
     dz_f = dc * c_prev * f * (one - f)

@@ -1,14 +1,22 @@
 """CPU drivers: Numba ``parallel=True`` time loops plus the GEMMs around them.
 
 Shape of the work (DESIGN.md): the input projection ``x @ W_x + b`` is one
-GEMM before the time loop; inside the loop each step is one parallel pass over
-tiles of (batch rows x hidden units) that computes the recurrent product for
-the tile's units (all four gates) and applies the cell math right there, so a
-step costs one thread-pool barrier and no BLAS call. The weight, bias and input
-gradients are GEMMs/reductions over the saved ``d_gates`` after the loop.
+GEMM per direction before the time loop; inside the loop each step is one
+parallel pass over tiles of (direction, active batch rows, hidden units) that
+computes the recurrent product for the tile's units (all four gates) and
+applies the cell math right there, so a step costs one thread-pool barrier and
+no BLAS call, and both directions of a bidirectional layer share it. The
+weight, bias and input gradients are GEMMs/reductions over the saved
+``d_gates`` after the loop.
 
-Every output element is produced by exactly one tile, summing in a fixed order,
-so results are bit-identical across reruns and thread counts.
+Variable lengths: before each step the rows still running are listed, and only
+they are tiled, so the work per step follows the number of running sequences.
+At step s the forward direction reads time s and the reverse direction time
+``lengths[b] - 1 - s``; times past a row's length are padding (zero output,
+zero gates, zero gradients).
+
+Every output element is produced by exactly one tile, summing in a fixed
+order, so results are bit-identical across reruns and thread counts.
 
 The callers (``nblstm``) validate and allocate; these functions only compute
 into the buffers they are given.
@@ -16,158 +24,266 @@ into the buffers they are given.
 import numpy as np
 from numba import njit, prange
 
-from .cell import cell_backward, cell_forward
+from .cell import cell_backward, cell_forward, step_time
 
-#: Hidden units per tile: a tile's slice of W_h is (H, 4 * UNITS_PER_TILE).
+#: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 UNITS_PER_TILE = 32
-#: Batch rows per tile: each W_h row segment is reused this many times from L1.
-ROWS_PER_TILE = 8
+#: Batch rows per tile.
+ROWS_PER_TILE = 16
+#: Rows sharing each load of a weight row in the recurrent product.
+ROW_BLOCK = 4
 #: Number of gates along the 4H axis (i, f, g, o).
 N_GATES = 4
+#: Floating-point freedoms of the recurrent product only: reassociation lets
+#: the dot products vectorize (in a fixed, thread-independent order) and
+#: contraction fuses multiply-adds. NaN and Inf keep their IEEE meaning.
+PRODUCT_MATH = {"reassoc", "contract"}
 
 
-@njit(cache=True)
-def _add_products(a, row_lo, row_hi, m, col_lo, col_hi, out):
-    """``out[r, col_lo:col_hi] += a[r, :] @ m[:, col_lo:col_hi]`` for r in rows.
+@njit(fastmath=PRODUCT_MATH, cache=True)
+def _dot_rows(a, m_t, rows, row_lo, row_hi, col_lo, col_hi, out):
+    """``out[r, j] = a[r, :] @ m_t[j, :]`` for r in ``rows[row_lo:row_hi]``, j in [col_lo, col_hi).
 
-    a: (R, K), m: (K, N), out: (R, N). Sums over k in increasing order.
+    a: (B, K); m_t: (N, K); rows: (B,) row indices; out: (B, N).
     """
-    for k in range(a.shape[1]):
-        for r in range(row_lo, row_hi):
-            a_rk = a[r, k]
-            for col in range(col_lo, col_hi):
-                out[r, col] += a_rk * m[k, col]
+    depth = a.shape[1]
+    zero = out.dtype.type(0)
+    for j in range(col_lo, col_hi):
+        n = row_lo
+        while n + ROW_BLOCK <= row_hi:
+            r0, r1, r2, r3 = rows[n], rows[n + 1], rows[n + 2], rows[n + 3]
+            acc0 = acc1 = acc2 = acc3 = zero
+            for k in range(depth):
+                w = m_t[j, k]
+                acc0 += a[r0, k] * w
+                acc1 += a[r1, k] * w
+                acc2 += a[r2, k] * w
+                acc3 += a[r3, k] * w
+            out[r0, j] = acc0
+            out[r1, j] = acc1
+            out[r2, j] = acc2
+            out[r3, j] = acc3
+            n += ROW_BLOCK
+        while n < row_hi:
+            r = rows[n]
+            acc = zero
+            for k in range(depth):
+                acc += a[r, k] * m_t[j, k]
+            out[r, j] = acc
+            n += 1
 
 
 @njit(inline="always")
-def _tile_bounds(tile, n_unit_tiles, batch, hidden):
-    row_lo = (tile // n_unit_tiles) * ROWS_PER_TILE
-    unit_lo = (tile % n_unit_tiles) * UNITS_PER_TILE
-    return (row_lo, min(row_lo + ROWS_PER_TILE, batch),
+def _list_running(step, lengths, running):
+    """Write the rows with ``step < lengths[row]`` into ``running``; return their count."""
+    count = 0
+    for row in range(lengths.shape[0]):
+        if step < lengths[row]:
+            running[count] = row
+            count += 1
+    return count
+
+
+@njit(inline="always")
+def _tile_bounds(tile, n_row_tiles, n_unit_tiles, n_rows, hidden):
+    """(direction, first/last running-row position, first/last unit) of a tile."""
+    per_direction = n_row_tiles * n_unit_tiles
+    direction = tile // per_direction
+    rest = tile % per_direction
+    row_lo = (rest // n_unit_tiles) * ROWS_PER_TILE
+    unit_lo = (rest % n_unit_tiles) * UNITS_PER_TILE
+    return (direction, row_lo, min(row_lo + ROWS_PER_TILE, n_rows),
             unit_lo, min(unit_lo + UNITS_PER_TILE, hidden))
 
 
-@njit(inline="always")
-def _tile_count(batch, hidden):
-    n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
-    n_row_tiles = (batch + ROWS_PER_TILE - 1) // ROWS_PER_TILE
-    return n_row_tiles * n_unit_tiles, n_unit_tiles
-
-
 @njit(parallel=True, cache=True)
-def forward_loop(gates, w_h, hidden_states, cell_states, y):
-    """Run the recurrence over all steps.
+def forward_loop(gates, w_h_t, h_ring, c_ring, z, lengths, running, y, hidden_states,
+                 cell_states):
+    """Run the recurrence of every direction over all steps.
 
-    gates:         (T, B, 4H) in: ``x_t @ W_x + b``; out: post-activation gates
-    w_h:           (H, 4H)
-    hidden_states: (S, B, H) row 0 holds h0 on entry; S = T+1 keeps every state,
-                   S = 2 keeps a ring of two (inference)
-    cell_states:   (S, B, H) likewise for c
-    y:             (T, B, H) out: h_1..h_T (any strides)
+    gates:         (D, T, B, 4H) in: ``x_t @ W_x + b`` by time; out: post-activation
+                   gates at valid times (padding untouched)
+    w_h_t:         (D, 4H, H) the transpose of each direction's W_h, contiguous
+    h_ring, c_ring:(D, 2, B, H) slot 0 holds h0/c0 on entry; row b's final state
+                   is in slot ``lengths[b] % 2`` on exit
+    z:             (D, B, 4H) scratch for the recurrent products
+    lengths:       (B,) int64, 0 <= lengths[b] <= T
+    running:       (B,) int64 scratch
+    y:             (T, B, D*H) out at valid times (direction d in columns d*H..)
+    hidden_states, cell_states: (D, T, B, H) out: the state entering each valid
+                   time; or (D, 0, B, H) to save nothing (inference)
+    Direction 1, when present, runs in reverse.
     """
-    steps, batch, four_hidden = gates.shape
+    n_dirs, steps, batch, four_hidden = gates.shape
     hidden = four_hidden // N_GATES
-    n_slots = hidden_states.shape[0]
-    n_tiles, n_unit_tiles = _tile_count(batch, hidden)
-    for t in range(steps):
-        h_prev = hidden_states[t % n_slots]
-        c_prev = cell_states[t % n_slots]
-        h_next = hidden_states[(t + 1) % n_slots]
-        c_next = cell_states[(t + 1) % n_slots]
-        z = gates[t]
-        y_t = y[t]
-        for tile in prange(n_tiles):
-            row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_unit_tiles, batch, hidden)
+    save = hidden_states.shape[1] > 0
+    n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
+    for step in range(steps):
+        n_rows = _list_running(step, lengths, running)
+        n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
+        prev = step % 2
+        for tile in prange(n_dirs * n_row_tiles * n_unit_tiles):
+            d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_row_tiles, n_unit_tiles,
+                                                               n_rows, hidden)
+            h_prev = h_ring[d, prev]
+            c_prev = c_ring[d, prev]
             for gate in range(N_GATES):
-                _add_products(h_prev, row_lo, row_hi, w_h,
-                              gate * hidden + unit_lo, gate * hidden + unit_hi, z)
-            for r in range(row_lo, row_hi):
+                _dot_rows(h_prev, w_h_t[d], running, row_lo, row_hi,
+                          gate * hidden + unit_lo, gate * hidden + unit_hi, z[d])
+            for n in range(row_lo, row_hi):
+                r = running[n]
+                t = step_time(step, lengths[r], d == 1)
+                g_t = gates[d, t, r]
+                z_r = z[d, r]
                 for u in range(unit_lo, unit_hi):
                     i, f, g, o, c, h = cell_forward(
-                        z[r, u], z[r, hidden + u], z[r, 2 * hidden + u],
-                        z[r, 3 * hidden + u], c_prev[r, u])
-                    z[r, u] = i
-                    z[r, hidden + u] = f
-                    z[r, 2 * hidden + u] = g
-                    z[r, 3 * hidden + u] = o
-                    c_next[r, u] = c
-                    h_next[r, u] = h
-                    y_t[r, u] = h
+                        g_t[u] + z_r[u], g_t[hidden + u] + z_r[hidden + u],
+                        g_t[2 * hidden + u] + z_r[2 * hidden + u],
+                        g_t[3 * hidden + u] + z_r[3 * hidden + u], c_prev[r, u])
+                    if save:
+                        hidden_states[d, t, r, u] = h_prev[r, u]
+                        cell_states[d, t, r, u] = c_prev[r, u]
+                    g_t[u] = i
+                    g_t[hidden + u] = f
+                    g_t[2 * hidden + u] = g
+                    g_t[3 * hidden + u] = o
+                    c_ring[d, 1 - prev, r, u] = c
+                    h_ring[d, 1 - prev, r, u] = h
+                    y[t, r, d * hidden + u] = h
 
 
 @njit(parallel=True, cache=True)
-def backward_loop(gates, cell_states, w_h_t, dy, dh_carry, dc_carry, d_gates):
-    """Backpropagate through time, newest step first.
+def backward_loop(gates, cell_states, w_h, lengths, running, dy, dh_n, dc_carry, dz_ring,
+                  dh_step, dh0, d_gates):
+    """Backpropagate through time for every direction, last step first.
 
-    gates:       (T, B, 4H) saved post-activation gates
-    cell_states: (T+1, B, H) saved cell states, row 0 = c0
-    w_h_t:       (4H, H) the transpose of W_h, contiguous
-    dy:          (T, B, H) upstream gradient of y, or (0, B, H) for none
-    dh_carry:    (B, H) in: dh_n; scratch afterwards
-    dc_carry:    (B, H) in: dc_n; out: dc0
-    d_gates:     (T, B, 4H) out: gradients of the gate pre-activations
+    gates:       (D, T, B, 4H) saved post-activation gates
+    cell_states: (D, T, B, H) saved cell state entering each time
+    w_h:         (D, H, 4H)
+    lengths:     (B,) int64; running: (B,) int64 scratch
+    dy:          (T, B, D*H) upstream gradient of y, or (0, B, D*H) for none
+    dh_n:        (D, B, H) reaches h at each row's last valid step
+    dc_carry:    (D, B, H) in: dc_n; out: dc0
+    dz_ring:     (2, D, B, 4H) scratch: each row's gate gradients of the last two steps
+    dh_step:     (D, B, H) scratch: gradient reaching h from the step after
+    dh0:         (D, B, H) in: dh_n (kept for rows of length 0); out: dh0
+    d_gates:     (D, T, B, 4H) out at valid times (zero it first for padding)
     """
-    steps, batch, four_hidden = gates.shape
+    n_dirs, steps, batch, four_hidden = gates.shape
     hidden = four_hidden // N_GATES
     has_dy = dy.shape[0] > 0
-    n_tiles, n_unit_tiles = _tile_count(batch, hidden)
-    for t in range(steps - 1, -1, -1):
-        g_t = gates[t]
-        dz_t = d_gates[t]
-        dz_next = d_gates[min(t + 1, steps - 1)]
-        c_t = cell_states[t + 1]
-        c_prev = cell_states[t]
-        for tile in prange(n_tiles):
-            row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_unit_tiles, batch, hidden)
-            if t < steps - 1:
-                for r in range(row_lo, row_hi):
-                    for u in range(unit_lo, unit_hi):
-                        dh_carry[r, u] = 0
-                _add_products(dz_next, row_lo, row_hi, w_h_t, unit_lo, unit_hi, dh_carry)
-            for r in range(row_lo, row_hi):
+    n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
+    for step in range(steps - 1, -2, -1):
+        # Step -1 only turns the gate gradients of step 0 into dh0.
+        n_rows = _list_running(max(step, 0), lengths, running)
+        n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
+        for tile in prange(n_dirs * n_row_tiles * n_unit_tiles):
+            d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_row_tiles, n_unit_tiles,
+                                                               n_rows, hidden)
+            if step + 1 < steps:
+                _dot_rows(dz_ring[(step + 1) % 2, d], w_h[d], running, row_lo, row_hi,
+                          unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d])
+            if step < 0:
+                continue
+            for n in range(row_lo, row_hi):
+                r = running[n]
+                dh_in = dh_step[d, r] if step + 1 < lengths[r] else dh_n[d, r]
+                t = step_time(step, lengths[r], d == 1)
+                g_t = gates[d, t, r]
+                dz_t = d_gates[d, t, r]
+                dz_r = dz_ring[step % 2, d, r]
                 for u in range(unit_lo, unit_hi):
-                    dh = dh_carry[r, u]
+                    dh = dh_in[u]
                     if has_dy:
-                        dh += dy[t, r, u]
+                        dh += dy[t, r, d * hidden + u]
                     dz_i, dz_f, dz_g, dz_o, dc_prev = cell_backward(
-                        g_t[r, u], g_t[r, hidden + u], g_t[r, 2 * hidden + u],
-                        g_t[r, 3 * hidden + u], c_prev[r, u], c_t[r, u], dh, dc_carry[r, u])
-                    dz_t[r, u] = dz_i
-                    dz_t[r, hidden + u] = dz_f
-                    dz_t[r, 2 * hidden + u] = dz_g
-                    dz_t[r, 3 * hidden + u] = dz_o
-                    dc_carry[r, u] = dc_prev
+                        g_t[u], g_t[hidden + u], g_t[2 * hidden + u], g_t[3 * hidden + u],
+                        cell_states[d, t, r, u], dh, dc_carry[d, r, u])
+                    dz_t[u] = dz_r[u] = dz_i
+                    dz_t[hidden + u] = dz_r[hidden + u] = dz_f
+                    dz_t[2 * hidden + u] = dz_r[2 * hidden + u] = dz_g
+                    dz_t[3 * hidden + u] = dz_r[3 * hidden + u] = dz_o
+                    dc_carry[d, r, u] = dc_prev
 
 
-def forward(x, w_x, w_h, b, gates, hidden_states, cell_states, y):
-    """Input projection GEMM, then the recurrence.
+def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
+    """Input projections, then the recurrence of every direction.
 
-    x: (T, B, I) contiguous; w_x: (I, 4H); w_h: (H, 4H); b: (4H,)
-    gates: (T, B, 4H) out; hidden_states, cell_states: (S, B, H) with row 0
-    set to h0/c0; y: (T, B, H) out.
+    x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H); b: (D, 4H)
+    h0, c0: (D, B, H); lengths: (B,) int64
+    y: (T, B, D*H) out, zero-filled (padding stays zero)
+    saved: (gates (D, T, B, 4H), hidden_states (D, T+1, B, H),
+    cell_states (D, T+1, B, H)) to fill for backward, or None (inference).
+    Returns (h_n, c_n), each (D, B, H).
     """
     steps, batch, inputs = x.shape
-    np.matmul(x.reshape(steps * batch, inputs), w_x, out=gates.reshape(steps * batch, -1))
-    gates += b
-    forward_loop(gates, w_h, hidden_states, cell_states, y)
+    n_dirs, hidden = w_h.shape[0], w_h.shape[1]
+    if saved is None:
+        gates = np.empty((n_dirs, steps, batch, N_GATES * hidden), x.dtype)
+        hidden_states = cell_states = np.empty((n_dirs, 0, batch, hidden), x.dtype)
+    else:
+        gates, hidden_states, cell_states = saved
+    flat_x = x.reshape(steps * batch, inputs)
+    for d in range(n_dirs):
+        np.matmul(flat_x, w_x[d], out=gates[d].reshape(steps * batch, -1))
+        gates[d] += b[d]
+    h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
+    c_ring = np.empty_like(h_ring)
+    h_ring[:, 0], c_ring[:, 0] = h0, c0
+    w_h_t = np.ascontiguousarray(w_h.transpose(0, 2, 1))
+    z = np.empty((n_dirs, batch, N_GATES * hidden), x.dtype)
+    running = np.empty(batch, np.int64)
+    forward_loop(gates, w_h_t, h_ring, c_ring, z, lengths, running, y,
+                 hidden_states[:, :steps], cell_states[:, :steps])
+    final = lengths % 2
+    rows = np.arange(batch)
+    h_n, c_n = h_ring[:, final, rows], c_ring[:, final, rows]
+    if saved is not None:
+        _clear_padding(gates, hidden_states, cell_states, lengths)
+        hidden_states[:, steps], cell_states[:, steps] = h_n, c_n
+    return h_n, c_n
 
 
-def backward(x, w_x, w_h, gates, hidden_states, cell_states, dy, dh_carry, dc_carry, d_gates):
+def _clear_padding(gates, hidden_states, cell_states, lengths):
+    """Zero the saved arrays at padded times, so they hold no stale values."""
+    steps = gates.shape[1]
+    padded = np.arange(steps)[:, None] >= lengths[None, :]
+    if padded.any():
+        gates[:, padded] = 0
+        hidden_states[:, :steps][:, padded] = 0
+        cell_states[:, :steps][:, padded] = 0
+
+
+def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     """The backward loop, then the gradient GEMMs over all steps at once.
 
-    Shapes as in :func:`backward_loop`; x: (T, B, I) contiguous, hidden_states:
-    (T+1, B, H). ``dh_carry``/``dc_carry`` hold dh_n/dc_n on entry.
+    x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H) contiguous
+    saved: (gates, hidden_states, cell_states) from :func:`forward`
+    lengths: (B,) int64; dy: (T, B, D*H) or None; dh_n, dc_n: (D, B, H)
 
-    Returns ``(dx (T, B, I), dh0 (B, H), dc0 (B, H), dW_x (I, 4H), dW_h (H, 4H), db (4H,))``;
-    dc0 is ``dc_carry``.
+    Returns ``(dx (T, B, I), dh0 (D, B, H), dc0 (D, B, H), dW_x (D, I, 4H),
+    dW_h (D, H, 4H), db (D, 4H))``.
     """
-    steps, batch, inputs = x.shape
-    hidden = w_h.shape[0]
-    backward_loop(gates, cell_states, np.ascontiguousarray(w_h.T), dy, dh_carry, dc_carry, d_gates)
-    dz = d_gates.reshape(steps * batch, N_GATES * hidden)
-    dx = (dz @ w_x.T).reshape(steps, batch, inputs)
-    dh0 = d_gates[0] @ w_h.T
-    dw_x = x.reshape(steps * batch, inputs).T @ dz
-    dw_h = hidden_states[:-1].reshape(steps * batch, hidden).T @ dz
-    db = dz.sum(axis=0)
-    return dx, dh0, dc_carry, dw_x, dw_h, db
+    gates, hidden_states, cell_states = saved
+    n_dirs, steps, batch, four_hidden = gates.shape
+    inputs = x.shape[2]
+    hidden = four_hidden // N_GATES
+    if dy is None:
+        dy = np.empty((0, batch, n_dirs * hidden), x.dtype)
+    d_gates = np.zeros_like(gates)
+    dc = dc_n.copy()
+    dh0 = dh_n.copy()
+    backward_loop(gates, cell_states[:, :steps], w_h, lengths, np.empty(batch, np.int64), dy,
+                  dh_n, dc, np.empty((2, n_dirs, batch, four_hidden), x.dtype),
+                  np.empty_like(dh0), dh0, d_gates)
+    flat_x = x.reshape(steps * batch, inputs)
+    dx = np.zeros((steps * batch, inputs), x.dtype)
+    dw_x = np.empty_like(w_x)
+    dw_h = np.empty_like(w_h)
+    for d in range(n_dirs):
+        dz = d_gates[d].reshape(steps * batch, four_hidden)
+        dx += dz @ w_x[d].T
+        dw_x[d] = flat_x.T @ dz
+        dw_h[d] = hidden_states[d, :steps].reshape(steps * batch, hidden).T @ dz
+    db = d_gates.sum(axis=(1, 2))
+    return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db

@@ -20,7 +20,7 @@ from functools import lru_cache
 from numba import config, cuda, types
 from numba.np.numpy_support import from_dtype
 
-from .cell import cell_backward, cell_forward
+from .cell import cell_backward, cell_forward, step_time
 
 #: Number of gates along the 4H axis (i, f, g, o).
 N_GATES = 4
@@ -131,51 +131,110 @@ def add_bias_kernel(z, b):
         z[index // cols, index % cols] += b[index % cols]
 
 
-def cell_forward_kernel(z, c_prev, h_next, c_next, y_t):
-    """One step's cell math for every (row, unit).
+def cell_forward_kernel(gates, z, h_prev, c_prev, lengths, step, reverse, y, y_offset,
+                        h_next, c_next, hidden_states, cell_states, save):
+    """One step's cell math for every (row, unit) of one direction.
 
-    z: (B, 4H) in: pre-activations; out: post-activation gates i, f, g, o
-    c_prev: (B, H); h_next, c_next: (B, H) out; y_t: (B, H) out
+    gates: (T, B, 4H) in: input projections by time; out: post-activation gates
+    z: (B, 4H) the step's recurrent products; h_prev, c_prev: (B, H)
+    lengths: (B,) int64; rows with ``step >= lengths[b]`` are left alone
+    y: (T, B, D*H) out, this direction's columns start at ``y_offset``
+    h_next, c_next: (B, H) out
+    hidden_states, cell_states: (T+1, B, H) out when ``save``: the state entering each time
     """
     index = cuda.grid(1)
     batch, hidden = c_prev.shape
     if index < batch * hidden:
         r = index // hidden
         u = index % hidden
-        i, f, g, o, c, h = cell_forward(z[r, u], z[r, hidden + u], z[r, 2 * hidden + u],
-                                        z[r, 3 * hidden + u], c_prev[r, u])
-        z[r, u] = i
-        z[r, hidden + u] = f
-        z[r, 2 * hidden + u] = g
-        z[r, 3 * hidden + u] = o
-        c_next[r, u] = c
-        h_next[r, u] = h
-        y_t[r, u] = h
+        if step < lengths[r]:
+            t = step_time(step, lengths[r], reverse)
+            i, f, g, o, c, h = cell_forward(
+                gates[t, r, u] + z[r, u], gates[t, r, hidden + u] + z[r, hidden + u],
+                gates[t, r, 2 * hidden + u] + z[r, 2 * hidden + u],
+                gates[t, r, 3 * hidden + u] + z[r, 3 * hidden + u], c_prev[r, u])
+            if save:
+                hidden_states[t, r, u] = h_prev[r, u]
+                cell_states[t, r, u] = c_prev[r, u]
+            gates[t, r, u] = i
+            gates[t, r, hidden + u] = f
+            gates[t, r, 2 * hidden + u] = g
+            gates[t, r, 3 * hidden + u] = o
+            c_next[r, u] = c
+            h_next[r, u] = h
+            y[t, r, y_offset + u] = h
 
 
-def cell_backward_kernel(gates, c_prev, c_t, dh, dy_t, has_dy, dc, dz):
-    """One step of backpropagation through the cell math for every (row, unit).
+def final_state_kernel(ring, lengths, out):
+    """out[b] = ring[lengths[b] % 2, b]: each row's state after its last valid step.
 
-    gates: (B, 4H) saved post-activation gates; c_prev, c_t: (B, H)
-    dh: (B, H) gradient reaching h_t from step t+1 (or dh_n)
-    dy_t: (B, H) upstream gradient of y_t, read only when has_dy
-    dc: (B, H) in: gradient reaching c_t; out: gradient of c_{t-1}
-    dz: (B, 4H) out: gradients of the pre-activations
+    ring: (2, B, H); lengths: (B,) int64; out: (B, H)
     """
     index = cuda.grid(1)
-    batch, hidden = c_t.shape
+    batch, hidden = out.shape
+    if index < batch * hidden:
+        r = index // hidden
+        out[r, index % hidden] = ring[lengths[r] % 2, r, index % hidden]
+
+
+def clear_padding_kernel(values, lengths, steps):
+    """values[t, b, :] = 0 for lengths[b] <= t < steps. values: (T', B, F)"""
+    index = cuda.grid(1)
+    _, batch, features = values.shape
+    if index < steps * batch * features:
+        t = index // (batch * features)
+        r = (index // features) % batch
+        if t >= lengths[r]:
+            values[t, r, index % features] = 0
+
+
+def cell_backward_kernel(gates, cell_states, dh_step, dh_n, dy, y_offset, has_dy, lengths, step,
+                         reverse, dc, dz_step, d_gates):
+    """One step of backpropagation through the cell math, one direction.
+
+    gates: (T, B, 4H) saved post-activation gates; cell_states: (T+1, B, H) saved
+    dh_step: (B, H) gradient reaching h from the step after (``dz_step @ W_h.T``)
+    dh_n: (B, H) gradient reaching h at each row's last valid step
+    dy: (T, B, D*H) upstream gradient of y (columns from ``y_offset``), read when has_dy
+    dc: (B, H) in: gradient reaching c_t; out: gradient of c_{t-1}
+    dz_step: (B, 4H) out: this step's pre-activation gradients by row
+    d_gates: (T, B, 4H) out: the same by time
+    """
+    index = cuda.grid(1)
+    batch, hidden = dc.shape
     if index < batch * hidden:
         r = index // hidden
         u = index % hidden
-        dh_total = dh[r, u] + dy_t[r, u] if has_dy else dh[r, u]
-        dz_i, dz_f, dz_g, dz_o, dc_prev = cell_backward(
-            gates[r, u], gates[r, hidden + u], gates[r, 2 * hidden + u],
-            gates[r, 3 * hidden + u], c_prev[r, u], c_t[r, u], dh_total, dc[r, u])
-        dz[r, u] = dz_i
-        dz[r, hidden + u] = dz_f
-        dz[r, 2 * hidden + u] = dz_g
-        dz[r, 3 * hidden + u] = dz_o
-        dc[r, u] = dc_prev
+        if step < lengths[r]:
+            t = step_time(step, lengths[r], reverse)
+            dh = dh_step[r, u] if step + 1 < lengths[r] else dh_n[r, u]
+            if has_dy:
+                dh += dy[t, r, y_offset + u]
+            dz_i, dz_f, dz_g, dz_o, dc_prev = cell_backward(
+                gates[t, r, u], gates[t, r, hidden + u], gates[t, r, 2 * hidden + u],
+                gates[t, r, 3 * hidden + u], cell_states[t, r, u], dh, dc[r, u])
+            d_gates[t, r, u] = dz_step[r, u] = dz_i
+            d_gates[t, r, hidden + u] = dz_step[r, hidden + u] = dz_f
+            d_gates[t, r, 2 * hidden + u] = dz_step[r, 2 * hidden + u] = dz_g
+            d_gates[t, r, 3 * hidden + u] = dz_step[r, 3 * hidden + u] = dz_o
+            dc[r, u] = dc_prev
+
+
+def fill_lengths_kernel(lengths, value):
+    """lengths (B,) = value."""
+    index = cuda.grid(1)
+    if index < lengths.shape[0]:
+        lengths[index] = value
+
+
+def select_rows_kernel(if_running, otherwise, lengths, out):
+    """out[b] = if_running[b] when lengths[b] > 0, else otherwise[b]. All (B, H)."""
+    index = cuda.grid(1)
+    batch, hidden = out.shape
+    if index < batch * hidden:
+        r = index // hidden
+        u = index % hidden
+        out[r, u] = if_running[r, u] if lengths[r] > 0 else otherwise[r, u]
 
 
 def column_partial_sums_kernel(values, partial):
@@ -240,12 +299,19 @@ def signatures(dtype):
     """
     element = from_dtype(dtype)
     vector, matrix, cube = (types.Array(element, ndim, "A") for ndim in (1, 2, 3))
-    flag = types.boolean
+    flag, index = types.boolean, types.int64
+    lengths = types.Array(index, 1, "A")
     return {
         "gemm": (matrix, matrix, matrix, flag, flag, flag),
         "add_bias": (matrix, vector),
-        "cell_forward": (matrix, matrix, matrix, matrix, matrix),
-        "cell_backward": (matrix, matrix, matrix, matrix, matrix, flag, matrix, matrix),
+        "cell_forward": (cube, matrix, matrix, matrix, lengths, index, flag, cube, index,
+                         matrix, matrix, cube, cube, flag),
+        "final_state": (cube, lengths, matrix),
+        "clear_padding": (cube, lengths, index),
+        "cell_backward": (cube, cube, matrix, matrix, cube, index, flag, lengths, index, flag,
+                          matrix, matrix, cube),
+        "select_rows": (matrix, matrix, lengths, matrix),
+        "fill_lengths": (lengths, index),
         "column_partial_sums": (matrix, matrix),
         "column_sums": (matrix, vector),
         "copy_3d": (cube, cube, flag),
@@ -257,7 +323,11 @@ def signatures(dtype):
 _PLAIN_KERNELS = {
     "add_bias": add_bias_kernel,
     "cell_forward": cell_forward_kernel,
+    "final_state": final_state_kernel,
+    "clear_padding": clear_padding_kernel,
     "cell_backward": cell_backward_kernel,
+    "select_rows": select_rows_kernel,
+    "fill_lengths": fill_lengths_kernel,
     "column_partial_sums": column_partial_sums_kernel,
     "column_sums": column_sums_kernel,
     "copy_3d": copy_3d_kernel,
@@ -309,6 +379,13 @@ def fill(dst, value, stream):
     _pointwise("fill", dst.size, stream, dst, dst.dtype.type(value))
 
 
+def full_lengths(batch, steps, stream):
+    """A (B,) int64 device array holding ``steps`` everywhere."""
+    lengths = cuda.device_array(batch, "int64", stream=stream)
+    _pointwise("fill_lengths", batch, stream, lengths, steps)
+    return lengths
+
+
 def column_sums(values, out, stream):
     """out (N,) = values (R, N) summed over rows, in a fixed order (two passes)."""
     rows, cols = values.shape
@@ -317,49 +394,88 @@ def column_sums(values, out, stream):
     _pointwise("column_sums", cols, stream, partial, out)
 
 
-def forward(x, w_x, w_h, b, gates, hidden_states, cell_states, y, stream):
-    """Input projection GEMM, then per step one recurrent GEMM and one cell kernel.
+def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
+    """Input projections, then per step and direction one GEMM and one cell kernel.
 
-    x: (T, B, I) contiguous; w_x: (I, 4H); w_h: (H, 4H); b: (4H,)
-    gates: (T, B, 4H) out, contiguous
-    hidden_states, cell_states: (S, B, H) row 0 holds h0/c0; S = T+1 or 2 (a ring)
-    y: (T, B, H) out
+    x: (T, B, I) contiguous; params: per direction (W_x (I, 4H), W_h (H, 4H), b (4H,));
+    direction 1 runs in reverse
+    h0, c0: (D, B, H); lengths: (B,) int64
+    y: (T, B, D*H) out, zero-filled (padding stays zero)
+    saved: (gates (D, T, B, 4H), hidden_states (D, T+1, B, H), cell_states
+    (D, T+1, B, H)) out, or None (inference)
+    h_n, c_n: (D, B, H) out
     """
     steps, batch, inputs = x.shape
-    four_hidden = gates.shape[2]
-    flat_gates = gates.reshape(steps * batch, four_hidden)
-    gemm(x.reshape(steps * batch, inputs), w_x, flat_gates, stream)
-    _pointwise("add_bias", flat_gates.size, stream, flat_gates, b)
-    slots = hidden_states.shape[0]
-    for t in range(steps):
-        gemm(hidden_states[t % slots], w_h, gates[t], stream, accumulate=True)
-        _pointwise("cell_forward", batch * (four_hidden // N_GATES), stream,
-                   gates[t], cell_states[t % slots], hidden_states[(t + 1) % slots],
-                   cell_states[(t + 1) % slots], y[t])
+    n_dirs = len(params)
+    hidden = params[0][1].shape[0]
+    four_hidden = N_GATES * hidden
+    gates = saved[0] if saved is not None else cuda.device_array(
+        (n_dirs, steps, batch, four_hidden), x.dtype, stream=stream)
+    h_ring = cuda.device_array((n_dirs, 2, batch, hidden), x.dtype, stream=stream)
+    c_ring = cuda.device_array((n_dirs, 2, batch, hidden), x.dtype, stream=stream)
+    z = cuda.device_array((n_dirs, batch, four_hidden), x.dtype, stream=stream)
+    flat_x = x.reshape(steps * batch, inputs)
+    for d, (w_x, _, b) in enumerate(params):
+        flat_gates = gates[d].reshape(steps * batch, four_hidden)
+        gemm(flat_x, w_x, flat_gates, stream)
+        _pointwise("add_bias", flat_gates.size, stream, flat_gates, b)
+        copy_2d(h0[d], h_ring[d, 0], stream)
+        copy_2d(c0[d], c_ring[d, 0], stream)
+    for step in range(steps):
+        now, after = step % 2, (step + 1) % 2
+        for d, (_, w_h, _) in enumerate(params):
+            states = (saved[1][d], saved[2][d]) if saved is not None else (h_ring[d], c_ring[d])
+            gemm(h_ring[d, now], w_h, z[d], stream)
+            _pointwise("cell_forward", batch * hidden, stream, gates[d], z[d], h_ring[d, now],
+                       c_ring[d, now], lengths, step, d == 1, y, d * hidden, h_ring[d, after],
+                       c_ring[d, after], *states, saved is not None)
+    for d in range(n_dirs):
+        _pointwise("final_state", batch * hidden, stream, h_ring[d], lengths, h_n[d])
+        _pointwise("final_state", batch * hidden, stream, c_ring[d], lengths, c_n[d])
+        if saved is not None:
+            for array in (gates[d], saved[1][d], saved[2][d]):
+                _pointwise("clear_padding", steps * batch * array.shape[2], stream, array,
+                           lengths, steps)
+            copy_2d(h_n[d], saved[1][d, steps], stream)
+            copy_2d(c_n[d], saved[2][d, steps], stream)
 
 
-def backward(x, w_x, w_h, gates, hidden_states, cell_states, dy, dh, dc, d_gates, grads, stream):
+def backward(x, params, saved, lengths, dy, dh_n, dc_n, grads, stream):
     """Backpropagation through time, then the gradient GEMMs and the bias reduction.
 
-    x: (T, B, I) contiguous; gates, d_gates: (T, B, 4H) (d_gates out)
-    hidden_states, cell_states: (T+1, B, H)
-    dy: (T, B, H) or None
-    dh: (B, H) in: dh_n; out: dh0.   dc: (B, H) in: dc_n; out: dc0
-    grads: (dx (T, B, I), dW_x (I, 4H), dW_h (H, 4H), db (4H,)) out
+    x: (T, B, I) contiguous; params: per direction (W_x, W_h, b) as in :func:`forward`
+    saved: (gates, hidden_states, cell_states) from :func:`forward`
+    lengths: (B,) int64; dy: (T, B, D*H) or None; dh_n, dc_n: (D, B, H)
+    grads: (dx (T, B, I), dh0 (D, B, H), dc0 (D, B, H), dW_x (D, I, 4H),
+    dW_h (D, H, 4H), db (D, 4H)) out; dc0 is used as the running dc.
     """
-    dx, dw_x, dw_h, db = grads
-    steps, batch, inputs = x.shape
-    hidden = w_h.shape[0]
+    gates, hidden_states, cell_states = saved
+    dx, dh0, dc, dw_x, dw_h, db = grads
+    n_dirs, steps, batch, four_hidden = gates.shape
+    inputs = x.shape[2]
+    hidden = four_hidden // N_GATES
+    d_gates = cuda.device_array(gates.shape, x.dtype, stream=stream)
+    fill(d_gates.reshape(n_dirs * steps * batch, four_hidden), 0, stream)
+    dz_step = cuda.device_array((n_dirs, batch, four_hidden), x.dtype, stream=stream)
+    dh_step = cuda.device_array((n_dirs, batch, hidden), x.dtype, stream=stream)
+    for d in range(n_dirs):
+        copy_2d(dc_n[d], dc[d], stream)
     has_dy = dy is not None
-    for t in range(steps - 1, -1, -1):
-        if t < steps - 1:
-            gemm(d_gates[t + 1], w_h, dh, stream, trans_b=True)
-        _pointwise("cell_backward", batch * hidden, stream, gates[t], cell_states[t],
-                   cell_states[t + 1], dh, dy[t] if has_dy else dh, has_dy, dc, d_gates[t])
-    gemm(d_gates[0], w_h, dh, stream, trans_b=True)
-    flat_dz = d_gates.reshape(steps * batch, N_GATES * hidden)
-    gemm(flat_dz, w_x, dx.reshape(steps * batch, inputs), stream, trans_b=True)
-    gemm(x.reshape(steps * batch, inputs), flat_dz, dw_x, stream, trans_a=True)
-    gemm(hidden_states[:steps].reshape(steps * batch, hidden), flat_dz, dw_h, stream,
-         trans_a=True)
-    column_sums(flat_dz, db, stream)
+    for step in range(steps - 1, -1, -1):
+        for d, (_, w_h, _) in enumerate(params):
+            if step + 1 < steps:
+                gemm(dz_step[d], w_h, dh_step[d], stream, trans_b=True)
+            _pointwise("cell_backward", batch * hidden, stream, gates[d], cell_states[d],
+                       dh_step[d], dh_n[d], dy if has_dy else d_gates[d], d * hidden, has_dy,
+                       lengths, step, d == 1, dc[d], dz_step[d], d_gates[d])
+    flat_x = x.reshape(steps * batch, inputs)
+    flat_dx = dx.reshape(steps * batch, inputs)
+    for d, (w_x, w_h, _) in enumerate(params):
+        gemm(dz_step[d], w_h, dh_step[d], stream, trans_b=True)
+        _pointwise("select_rows", batch * hidden, stream, dh_step[d], dh_n[d], lengths, dh0[d])
+        flat_dz = d_gates[d].reshape(steps * batch, four_hidden)
+        gemm(flat_dz, w_x, flat_dx, stream, trans_b=True, accumulate=d > 0)
+        gemm(flat_x, flat_dz, dw_x[d], stream, trans_a=True)
+        gemm(hidden_states[d, :steps].reshape(steps * batch, hidden), flat_dz, dw_h[d], stream,
+             trans_a=True)
+        column_sums(flat_dz, db[d], stream)

@@ -1,8 +1,10 @@
 """The host backends: ``"numpy"`` (the reference) and ``"cpu"`` (Numba).
 
-Every backend offers the same methods (see :class:`HostBackend`); the public
-API validates arguments, then hands them to one of these. Backends work on
-time-major data: ``x (T, B, I)``, ``y (T, B, H)``, states ``(B, H)``.
+Every backend offers the same methods (see :class:`HostBackend` and
+:class:`NumpyBackend`); the public API validates arguments, then hands them
+to one of these. Backends run one layer at a time, every direction of it at
+once, on time-major data: ``x (T, B, I)``, ``y (T, B, D*H)``, states
+``(D, B, H)``, where direction 1 (when D = 2) runs in reverse.
 """
 import numpy as np
 
@@ -25,67 +27,74 @@ class HostBackend:
         return value
 
     def params(self, params):
-        """The parameters as this backend computes with them (host arrays: as they are)."""
-        for name in ("W_x", "W_h", "b"):
-            self.adopt(getattr(params, name), f"params.{name}")
-        return params
+        """Each direction's parameters as this backend computes with them (host: as they are)."""
+        for p in params:
+            for name in ("W_x", "W_h", "b"):
+                self.adopt(getattr(p, name), f"params.{name}")
+        return list(params)
 
     def hand_back(self, arrays, to_host):
         """Results as the caller receives them (host arrays already)."""
-        return arrays
+        return list(arrays)
 
     def time_major(self, array, batch_first):
         """One contiguous time-major copy when needed, the array itself otherwise."""
         return np.ascontiguousarray(array.transpose(1, 0, 2) if batch_first else array)
 
+    def batch_major(self, array):
+        """A contiguous (B, T, F) copy of a time-major (T, B, F) array."""
+        return np.ascontiguousarray(array.transpose(1, 0, 2))
+
     def state(self, value, shape, dtype):
-        """A (B, H) state or its gradient; zeros when None. Never written by the kernels."""
-        return np.zeros(shape, dtype) if value is None else value
+        """A state or its gradient, contiguous, of ``shape``; zeros when None.
 
-    def forward(self, x, params, h0, c0, training, batch_first):
-        """Run the layer.
-
-        x: (T, B, I) contiguous; h0, c0: (B, H).
-
-        Returns ``(y, h_n, c_n, saved)`` with y (T, B, H), or (B, T, H) when
-        ``batch_first``; ``saved`` is ``(gates (T, B, 4H), hidden_states
-        (T+1, B, H), cell_states (T+1, B, H))`` when training, else None.
+        Never written by the kernels.
         """
-        steps, batch, _ = x.shape
-        if batch_first:
-            y = np.empty((batch, steps, params.hidden_size), x.dtype)
-            y_time_major = y.transpose(1, 0, 2)
-        else:
-            y = y_time_major = np.empty((steps, batch, params.hidden_size), x.dtype)
-        h_n, c_n, saved = self._forward(x, params, h0, c0, training, y_time_major)
-        return y, h_n, c_n, saved
+        return np.zeros(shape, dtype) if value is None else np.ascontiguousarray(value).reshape(shape)
 
-    def backward(self, x, params, saved, dy, dh_n, dc_n, batch_first):
-        """Backpropagate; dy (T, B, H) contiguous or None; dh_n, dc_n (B, H).
-
-        Returns ``(dx, dh0, dc0, dW_x, dW_h, db)``; dx is (B, T, I) when ``batch_first``.
-        """
-        dx, dh0, dc0, dw_x, dw_h, db = self._backward(x, params, saved, dy, dh_n, dc_n)
-        if batch_first:
-            dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
-        return dx, dh0, dc0, dw_x, dw_h, db
+    def lengths(self, lengths, batch, steps):
+        """Per-row valid steps, (B,) int64, as the kernels read them (all ``steps`` when None)."""
+        return np.full(batch, steps, np.int64) if lengths is None else lengths
 
 
 class NumpyBackend(HostBackend):
-    """The reference, in the inputs' dtype."""
+    """The reference, in the inputs' dtype, one direction at a time."""
 
     name = "numpy"
 
-    def _forward(self, x, params, h0, c0, training, y):
-        y[...], gates, hidden_states, cell_states = reference.forward(
-            x, params.W_x, params.W_h, params.b, h0, c0)
-        saved = (gates, hidden_states, cell_states) if training else None
-        return hidden_states[-1].copy(), cell_states[-1].copy(), saved
+    def forward(self, x, params, h0, c0, lengths, training):
+        """Run one layer (every direction) over time-major ``x``.
 
-    def _backward(self, x, params, saved, dy, dh_n, dc_n):
+        x: (T, B, I) contiguous; params: one LSTMParams per direction (the
+        second runs in reverse); h0, c0: (D, B, H); lengths: (B,) int64.
+
+        Returns ``(y (T, B, D*H), h_n (D, B, H), c_n (D, B, H), saved)``;
+        ``saved`` is ``(gates (D, T, B, 4H), hidden_states (D, T+1, B, H),
+        cell_states (D, T+1, B, H))`` when training, else None.
+        """
+        results = [reference.forward(x, p.W_x, p.W_h, p.b, h0[d], c0[d], lengths, reverse=d == 1)
+                   for d, p in enumerate(params)]
+        y = np.concatenate([r[0] for r in results], axis=2)
+        gates, hidden_states, cell_states = (np.stack([r[k] for r in results]) for k in (1, 2, 3))
+        saved = (gates, hidden_states, cell_states) if training else None
+        return y, hidden_states[:, -1].copy(), cell_states[:, -1].copy(), saved
+
+    def backward(self, x, params, saved, lengths, dy, dh_n, dc_n):
+        """Backpropagate one layer; dy: (T, B, D*H) or None; dh_n, dc_n: (D, B, H).
+
+        Returns ``(dx (T, B, I), dh0, dc0 (D, B, H), dW_x (D, I, 4H),
+        dW_h (D, H, 4H), db (D, 4H))``.
+        """
         gates, hidden_states, cell_states = saved
-        return reference.backward(x, params.W_x, params.W_h, gates, hidden_states,
-                                  cell_states, dy, dh_n, dc_n)
+        hidden = params[0].hidden_size
+        results = []
+        for d, p in enumerate(params):
+            dy_d = None if dy is None else dy[:, :, d * hidden:(d + 1) * hidden]
+            results.append(reference.backward(x, p.W_x, p.W_h, gates[d], hidden_states[d],
+                                              cell_states[d], dy_d, dh_n[d], dc_n[d], lengths,
+                                              reverse=d == 1))
+        dx = sum(r[0] for r in results)
+        return (dx,) + tuple(np.stack([r[k] for r in results]) for k in range(1, 6))
 
 
 class CPUBackend(HostBackend):
@@ -93,34 +102,39 @@ class CPUBackend(HostBackend):
 
     name = "cpu"
 
-    def _forward(self, x, params, h0, c0, training, y):
+    @staticmethod
+    def _stacked(params, field, contiguous=False):
+        arrays = [getattr(p, field) for p in params]
+        if len(arrays) == 1:
+            stacked = arrays[0][None]
+            return np.ascontiguousarray(stacked) if contiguous else stacked
+        return np.stack(arrays)
+
+    def forward(self, x, params, h0, c0, lengths, training):
+        """As :meth:`NumpyBackend.forward`."""
         from .kernels import cpu
 
         steps, batch, _ = x.shape
-        hidden = params.hidden_size
-        slots = steps + 1 if training else 2
-        gates = np.empty((steps, batch, N_GATES * hidden), x.dtype)
-        hidden_states = np.empty((slots, batch, hidden), x.dtype)
-        cell_states = np.empty_like(hidden_states)
-        hidden_states[0] = h0
-        cell_states[0] = c0
+        n_dirs, hidden = len(params), params[0].hidden_size
+        y = np.zeros((steps, batch, n_dirs * hidden), x.dtype)
+        saved = None
+        if training:
+            saved = (np.empty((n_dirs, steps, batch, N_GATES * hidden), x.dtype),
+                     np.empty((n_dirs, steps + 1, batch, hidden), x.dtype),
+                     np.empty((n_dirs, steps + 1, batch, hidden), x.dtype))
         with np.errstate(all="ignore"), parallel_section():
-            cpu.forward(x, params.W_x, np.ascontiguousarray(params.W_h), params.b,
-                        gates, hidden_states, cell_states, y)
-        last = steps % slots
-        saved = (gates, hidden_states, cell_states) if training else None
-        return hidden_states[last].copy(), cell_states[last].copy(), saved
+            h_n, c_n = cpu.forward(x, self._stacked(params, "W_x"), self._stacked(params, "W_h"),
+                                   self._stacked(params, "b"), h0, c0, lengths, y, saved)
+        return y, h_n, c_n, saved
 
-    def _backward(self, x, params, saved, dy, dh_n, dc_n):
+    def backward(self, x, params, saved, lengths, dy, dh_n, dc_n):
+        """As :meth:`NumpyBackend.backward`."""
         from .kernels import cpu
 
-        gates, hidden_states, cell_states = saved
-        if dy is None:
-            dy = np.empty((0,) + dh_n.shape, x.dtype)
-        d_gates = np.empty_like(gates)
         with np.errstate(all="ignore"), parallel_section():
-            return cpu.backward(x, params.W_x, params.W_h, gates, hidden_states, cell_states,
-                                dy, dh_n.copy(), dc_n.copy(), d_gates)
+            return cpu.backward(x, self._stacked(params, "W_x"),
+                                self._stacked(params, "W_h", contiguous=True), saved, lengths,
+                                dy, dh_n, dc_n)
 
 
 def get_backend(name):

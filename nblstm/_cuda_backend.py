@@ -33,10 +33,9 @@ class CUDABackend:
         return as_device_array(value) if is_device_array(value) else value
 
     def params(self, params):
-        """The parameters on the device (uploaded when they are host arrays)."""
-        arrays = [array if is_device_array(array) else self._upload(array)
-                  for array in (params.W_x, params.W_h, params.b)]
-        return LSTMParams(*arrays)
+        """Each direction's parameters on the device (uploaded when they are host arrays)."""
+        return [LSTMParams(*(array if is_device_array(array) else self._upload(array)
+                             for array in (p.W_x, p.W_h, p.b))) for p in params]
 
     def time_major(self, array, batch_first):
         """A contiguous time-major device array (one device copy or upload when needed)."""
@@ -51,66 +50,66 @@ class CUDABackend:
         kernels.copy_3d(array, contiguous, self.stream, swap_leading=batch_first)
         return contiguous
 
-    def state(self, value, shape, dtype):
-        """A (B, H) state on the device; zeros when None. Never written by the kernels."""
-        if value is None:
-            zeros = self._empty(shape, dtype)
-            kernels.fill(zeros, 0, self.stream)
-            return zeros
-        return value if is_device_array(value) else self._upload(value)
-
-    def _copy(self, src):
-        dst = self._empty(tuple(src.shape), src.dtype)
-        kernels.copy_2d(src, dst, self.stream)
-        return dst
-
-    def _batch_major(self, array):
+    def batch_major(self, array):
+        """A contiguous (B, T, F) device copy of a time-major (T, B, F) array."""
         steps, batch, features = array.shape
         out = self._empty((batch, steps, features), array.dtype)
         kernels.copy_3d(array, out, self.stream, swap_leading=True)
         return out
 
-    def forward(self, x, params, h0, c0, training, batch_first):
-        """As :meth:`HostBackend.forward`, on device arrays (params from :meth:`params`)."""
+    def state(self, value, shape, dtype):
+        """A contiguous device state of ``shape``; zeros when None. Never written by the kernels."""
+        if value is None:
+            zeros = self._empty(shape, dtype)
+            kernels.fill(zeros.reshape(-1, shape[-1]), 0, self.stream)
+            return zeros
+        if not is_device_array(value):
+            return self._upload(value).reshape(shape)
+        if not value.is_c_contiguous():
+            contiguous = self._empty(tuple(value.shape), value.dtype)
+            kernels.copy_2d(value, contiguous, self.stream)
+            value = contiguous
+        return value.reshape(shape)
+
+    def lengths(self, lengths, batch, steps):
+        """(B,) int64 device lengths: the host ones uploaded, or all ``steps`` when None."""
+        if lengths is None:
+            return kernels.full_lengths(batch, steps, self.stream)
+        return self._upload(lengths)
+
+    def forward(self, x, params, h0, c0, lengths, training):
+        """As :meth:`nblstm._backends.NumpyBackend.forward`, on device arrays."""
         steps, batch, _ = x.shape
-        hidden = params.hidden_size
-        slots = steps + 1 if training else 2
-        gates = self._empty((steps, batch, N_GATES * hidden), x.dtype)
-        hidden_states = self._empty((slots, batch, hidden), x.dtype)
-        cell_states = self._empty((slots, batch, hidden), x.dtype)
-        kernels.copy_2d(h0, hidden_states[0], self.stream)
-        kernels.copy_2d(c0, cell_states[0], self.stream)
-        y = self._empty((steps, batch, hidden), x.dtype)
-        kernels.forward(x, params.W_x, params.W_h, params.b, gates, hidden_states, cell_states,
-                        y, self.stream)
-        last = steps % slots
-        h_n, c_n = self._copy(hidden_states[last]), self._copy(cell_states[last])
-        if batch_first:
-            y = self._batch_major(y)
-        saved = (gates, hidden_states, cell_states) if training else None
+        n_dirs, hidden = len(params), params[0].hidden_size
+        y = self.state(None, (steps, batch, n_dirs * hidden), x.dtype)
+        saved = None
+        if training:
+            saved = (self._empty((n_dirs, steps, batch, N_GATES * hidden), x.dtype),
+                     self._empty((n_dirs, steps + 1, batch, hidden), x.dtype),
+                     self._empty((n_dirs, steps + 1, batch, hidden), x.dtype))
+        h_n = self._empty((n_dirs, batch, hidden), x.dtype)
+        c_n = self._empty((n_dirs, batch, hidden), x.dtype)
+        kernels.forward(x, [(p.W_x, p.W_h, p.b) for p in params], h0, c0, lengths, y, saved,
+                        h_n, c_n, self.stream)
         return y, h_n, c_n, saved
 
-    def backward(self, x, params, saved, dy, dh_n, dc_n, batch_first):
-        """As :meth:`HostBackend.backward`, on device arrays (params from :meth:`params`)."""
-        gates, hidden_states, cell_states = saved
+    def backward(self, x, params, saved, lengths, dy, dh_n, dc_n):
+        """As :meth:`nblstm._backends.NumpyBackend.backward`, on device arrays."""
         steps, batch, inputs = x.shape
-        hidden = params.hidden_size
-        dh, dc = self._copy(dh_n), self._copy(dc_n)
-        d_gates = self._empty(tuple(gates.shape), x.dtype)
+        n_dirs, hidden = len(params), params[0].hidden_size
         grads = (self._empty((steps, batch, inputs), x.dtype),
-                 self._empty((inputs, N_GATES * hidden), x.dtype),
-                 self._empty((hidden, N_GATES * hidden), x.dtype),
-                 self._empty((N_GATES * hidden,), x.dtype))
-        kernels.backward(x, params.W_x, params.W_h, gates, hidden_states, cell_states, dy, dh,
-                         dc, d_gates, grads, self.stream)
-        dx, dw_x, dw_h, db = grads
-        if batch_first:
-            dx = self._batch_major(dx)
-        return dx, dh, dc, dw_x, dw_h, db
+                 self._empty((n_dirs, batch, hidden), x.dtype),
+                 self._empty((n_dirs, batch, hidden), x.dtype),
+                 self._empty((n_dirs, inputs, N_GATES * hidden), x.dtype),
+                 self._empty((n_dirs, hidden, N_GATES * hidden), x.dtype),
+                 self._empty((n_dirs, N_GATES * hidden), x.dtype))
+        kernels.backward(x, [(p.W_x, p.W_h, p.b) for p in params], saved, lengths, dy, dh_n,
+                         dc_n, grads, self.stream)
+        return grads
 
     def hand_back(self, arrays, to_host):
         """Wait for the stream once; copy to NumPy arrays when ``to_host``."""
         if to_host:
             arrays = [array.copy_to_host(stream=self.stream) for array in arrays]
         self.stream.synchronize()
-        return arrays
+        return list(arrays)

@@ -27,7 +27,7 @@ BAD_FORWARD = [
     ("x", lambda p: {"x": p["x"].tolist()}, TypeError, "x must be a NumPy"),
     ("x", lambda p: {"x": p["x"][0]}, ValueError, "x must have 3 dimension"),
     ("x", lambda p: {"x": p["x"].astype(np.int64)}, TypeError, "x must be float32 or float64"),
-    ("x", lambda p: {"x": p["x"][:, :, :2]}, ValueError, r"I = params.input_size = 5"),
+    ("x", lambda p: {"x": p["x"][:, :, :2]}, ValueError, r"I = input size = 5"),
     ("x", lambda p: {"x": p["x"][:0]}, ValueError, "T >= 1"),
     ("params", lambda p: {"params": (p["params"].W_x,)}, TypeError, "params must be"),
     ("params", lambda p: {"params": p["params"].astype(F32)}, TypeError, "params have dtype"),
@@ -176,4 +176,4 @@ def test_saturated_pre_activations_give_exact_gate_limits(backend):
     # i = 1, f = 0, g = 1, o = 1: c_t = 1 at every step, h_t = tanh(1).
     np.testing.assert_array_equal(c_n, np.ones((1, hidden)))
     np.testing.assert_array_equal(y, np.full((2, 1, hidden), np.tanh(1.0)))
-    np.testing.assert_array_equal(cache.gates[0, 0], np.repeat([1.0, 0.0, 1.0, 1.0], hidden))
+    np.testing.assert_array_equal(cache.gates[0, 0, 0], np.repeat([1.0, 0.0, 1.0, 1.0], hidden))
