@@ -220,6 +220,14 @@ def cell_backward_kernel(gates, cell_states, dh_step, dh_n, dy, y_offset, has_dy
             dc[r, u] = dc_prev
 
 
+def multiply_kernel(values, factors):
+    """values (R, N) *= factors (R, N)."""
+    index = cuda.grid(1)
+    cols = values.shape[1]
+    if index < values.shape[0] * cols:
+        values[index // cols, index % cols] *= factors[index // cols, index % cols]
+
+
 def fill_lengths_kernel(lengths, value):
     """lengths (B,) = value."""
     index = cuda.grid(1)
@@ -312,6 +320,7 @@ def signatures(dtype):
                           matrix, matrix, cube),
         "select_rows": (matrix, matrix, lengths, matrix),
         "fill_lengths": (lengths, index),
+        "multiply": (matrix, matrix),
         "column_partial_sums": (matrix, matrix),
         "column_sums": (matrix, vector),
         "copy_3d": (cube, cube, flag),
@@ -328,6 +337,7 @@ _PLAIN_KERNELS = {
     "cell_backward": cell_backward_kernel,
     "select_rows": select_rows_kernel,
     "fill_lengths": fill_lengths_kernel,
+    "multiply": multiply_kernel,
     "column_partial_sums": column_partial_sums_kernel,
     "column_sums": column_sums_kernel,
     "copy_3d": copy_3d_kernel,
@@ -377,6 +387,11 @@ def copy_2d(src, dst, stream):
 def fill(dst, value, stream):
     """Set every element of the 2-D ``dst`` to ``value``."""
     _pointwise("fill", dst.size, stream, dst, dst.dtype.type(value))
+
+
+def multiply(values, factors, stream):
+    """values *= factors, elementwise, both (R, N) contiguous."""
+    _pointwise("multiply", values.size, stream, values, factors)
 
 
 def full_lengths(batch, steps, stream):

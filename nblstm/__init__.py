@@ -9,9 +9,10 @@ Quick use::
 """
 from ._availability import available_backends
 from .api import Grads, LSTMCache, backward, forward
+from .layer import LSTM
 from .params import LSTMParams
 from .verify import VerifyReport, verify
 
-__all__ = ["LSTMParams", "LSTMCache", "Grads", "forward", "backward", "verify",
+__all__ = ["LSTM", "LSTMParams", "LSTMCache", "Grads", "forward", "backward", "verify",
            "VerifyReport", "available_backends"]
 __version__ = "0.1.0"

@@ -52,6 +52,14 @@ class HostBackend:
         """
         return np.zeros(shape, dtype) if value is None else np.ascontiguousarray(value).reshape(shape)
 
+    def scale(self, values, factors):
+        """values *= factors, in place."""
+        values *= factors
+
+    def stack(self, arrays):
+        """Concatenate (n_i, B, H) arrays along axis 0."""
+        return np.concatenate(arrays)
+
     def lengths(self, lengths, batch, steps):
         """Per-row valid steps, (B,) int64, as the kernels read them (all ``steps`` when None)."""
         return np.full(batch, steps, np.int64) if lengths is None else lengths

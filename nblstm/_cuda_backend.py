@@ -107,6 +107,22 @@ class CUDABackend:
                          dc_n, grads, self.stream)
         return grads
 
+    def scale(self, values, factors):
+        """values (T, B, F) *= factors (host or device, same shape), in place."""
+        factors = factors if is_device_array(factors) else self._upload(factors)
+        shape = (values.shape[0] * values.shape[1], values.shape[2])
+        kernels.multiply(values.reshape(shape), factors.reshape(shape), self.stream)
+
+    def stack(self, arrays):
+        """Concatenate (n_i, B, H) device arrays along axis 0."""
+        rest = tuple(arrays[0].shape[1:])
+        out = self._empty((sum(a.shape[0] for a in arrays),) + rest, arrays[0].dtype)
+        offset = 0
+        for array in arrays:
+            kernels.copy_3d(array, out[offset:offset + array.shape[0]], self.stream)
+            offset += array.shape[0]
+        return out
+
     def hand_back(self, arrays, to_host):
         """Wait for the stream once; copy to NumPy arrays when ``to_host``."""
         if to_host:

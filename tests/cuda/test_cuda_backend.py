@@ -168,3 +168,37 @@ def test_launch_config_fits_the_device():
         device = cuda.get_current_device()
         assert launch.gemm_tile ** 2 <= device.MAX_THREADS_PER_BLOCK
         assert launch.pointwise_block % device.WARP_SIZE == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bidirectional_stack_with_lengths_and_dropout(dtype):
+    rng = np.random.default_rng(10)
+    options = dict(num_layers=2, bidirectional=True, dropout=0.3)
+    lstm = nblstm.LSTM(2, 3, dtype=dtype, backend="cuda", rng=np.random.default_rng(1), **options)
+    reference = nblstm.LSTM(2, 3, dtype=np.float64, backend="numpy",
+                            rng=np.random.default_rng(1), **options)
+    reference.params = [[p.astype(np.float64) for p in layer] for layer in lstm.params]
+    x = rng.standard_normal((4, 3, 2)).astype(dtype)
+    dy = rng.standard_normal((4, 3, 6)).astype(dtype)
+    lengths = np.array([4, 0, 2])
+    results = []
+    for model in (lstm, reference):
+        y, (h_n, c_n) = model.forward(x.astype(model.dtype), lengths=lengths)
+        dx, (dh0, _) = model.backward(dy.astype(model.dtype))
+        results.append({"y": y, "h_n": h_n, "c_n": c_n, "dx": dx, "dh0": dh0,
+                        "dW_h": model.grads[1][1].W_h, "db": model.grads[0][0].b})
+    for name, value in results[1].items():
+        assert relative_error(results[0][name], value) <= TOLERANCE[np.dtype(dtype)], name
+
+
+def test_layer_on_device_arrays_stays_on_device():
+    lstm = nblstm.LSTM(3, 4, bidirectional=True, dtype=np.float32, rng=2).to_device()
+    x = np.random.default_rng(3).standard_normal((3, 2, 3)).astype(np.float32)
+    y, (h_n, _) = lstm.forward(cuda.to_device(x), lengths=np.array([3, 1]))
+    assert is_device_array(y) and is_device_array(h_n)
+    dx, _ = lstm.backward(cuda.to_device(np.ones((3, 2, 8), np.float32)))
+    assert is_device_array(dx) and is_device_array(lstm.grads[0][1].W_h)
+    host = nblstm.LSTM(3, 4, bidirectional=True, dtype=np.float32, backend="numpy")
+    host.params = [[p.to_host() for p in layer] for layer in lstm.params]
+    expected, _ = host.forward(x, lengths=np.array([3, 1]))
+    assert relative_error(y.copy_to_host(), expected) < 1e-5

@@ -1,0 +1,218 @@
+"""Variable lengths, bidirectional and multi-layer stacks, dropout, batch_first, the LSTM layer."""
+import numpy as np
+import pytest
+
+import nblstm
+from helpers import TOLERANCE, as_float64, compiled_backends, random_problem, relative_error
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(params=compiled_backends())
+def backend(request):
+    return request.param
+
+
+def run_layer(lstm, x, lengths, state, dy, d_state):
+    y, (h_n, c_n) = lstm.forward(x, state=state, lengths=lengths)
+    dx, (dh0, dc0) = lstm.backward(dy, d_state)
+    results = {"y": y, "h_n": h_n, "c_n": c_n, "dx": dx, "dh0": dh0, "dc0": dc0}
+    for layer, directions in enumerate(lstm.grads):
+        for d, grads in enumerate(directions):
+            for field in ("W_x", "W_h", "b"):
+                results[f"d{field}[{layer}][{d}]"] = getattr(grads, field)
+    return results
+
+
+def twin_layers(backend, dtype, seed=0, **options):
+    """The same random LSTM on ``backend`` in ``dtype`` and on the float64 reference."""
+    lstm = nblstm.LSTM(backend=backend, dtype=dtype, rng=seed, **options)
+    reference = nblstm.LSTM(backend="numpy", dtype=np.float64, rng=seed, **options)
+    reference.params = [[p.astype(np.float64) for p in layer] for layer in lstm.params]
+    return lstm, reference
+
+
+CONFIGS = [
+    dict(input_size=3, hidden_size=5, num_layers=1, bidirectional=True),
+    dict(input_size=4, hidden_size=3, num_layers=2, bidirectional=False),
+    dict(input_size=2, hidden_size=6, num_layers=3, bidirectional=True),
+    dict(input_size=5, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_stacks_match_the_reference(backend, dtype, config, with_lengths):
+    rng = np.random.default_rng(17)
+    steps, batch = 6, 5
+    lstm, reference = twin_layers(backend, dtype, **config)
+    n_states = lstm.num_layers * lstm.directions
+    features = lstm.directions * lstm.hidden_size
+    x = rng.standard_normal((steps, batch, config["input_size"])).astype(dtype)
+    dy = rng.standard_normal((steps, batch, features)).astype(dtype)
+    if lstm.batch_first:
+        x, dy = x.transpose(1, 0, 2).copy(), dy.transpose(1, 0, 2).copy()
+    states = [rng.standard_normal((n_states, batch, lstm.hidden_size)).astype(dtype)
+              for _ in range(4)]
+    lengths = np.array([6, 2, 0, 5, 1]) if with_lengths else None
+    actual = run_layer(lstm, x, lengths, states[:2], dy, states[2:])
+    expected = run_layer(reference, x.astype(np.float64), lengths,
+                         [s.astype(np.float64) for s in states[:2]], dy.astype(np.float64),
+                         [s.astype(np.float64) for s in states[2:]])
+    for name, value in expected.items():
+        assert actual[name].dtype == dtype and actual[name].shape == value.shape, name
+        error = relative_error(actual[name], value)
+        assert error <= TOLERANCE[np.dtype(dtype)], f"{name}: {error:.2e}"
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padding_semantics(backend, bidirectional):
+    rng = np.random.default_rng(5)
+    lstm = nblstm.LSTM(3, 4, bidirectional=bidirectional, dtype=np.float64, backend=backend,
+                       rng=1)
+    lengths = np.array([5, 0, 3, 1])
+    x = rng.standard_normal((5, 4, 3))
+    h0 = rng.standard_normal((lstm.directions, 4, 4))
+    c0 = rng.standard_normal((lstm.directions, 4, 4))
+    y, (h_n, c_n) = lstm.forward(x, state=(h0, c0), lengths=lengths)
+    padded = np.arange(5)[:, None] >= lengths[None, :]
+    assert not y[padded].any(), "outputs at padded steps must be zero"
+    np.testing.assert_array_equal(h_n[:, 1], h0[:, 1])  # length 0: the state passes through
+    np.testing.assert_array_equal(c_n[:, 1], c0[:, 1])
+    # Each row equals that sequence run alone, unpadded.
+    for row, length in enumerate(lengths):
+        if length == 0:
+            continue
+        alone = nblstm.LSTM(3, 4, bidirectional=bidirectional, dtype=np.float64, backend=backend)
+        alone.params = lstm.params
+        y_row, (h_row, _) = alone.forward(x[:length, row:row + 1],
+                                          state=(h0[:, row:row + 1], c0[:, row:row + 1]))
+        np.testing.assert_allclose(y[:length, row], y_row[:, 0], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(h_n[:, row], h_row[:, 0], rtol=1e-12, atol=1e-14)
+
+    dy = rng.standard_normal(y.shape)
+    dx, _ = lstm.backward(dy)
+    garbage = dy.copy()
+    garbage[padded] = np.nan
+    dx_garbage, (dh0_garbage, _) = lstm.backward(garbage)
+    np.testing.assert_array_equal(dx_garbage, dx)
+    assert np.isfinite(dh0_garbage).all()
+    assert not dx[padded].any(), "gradients at padded steps must be zero"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_forward_with_lengths(backend, dtype):
+    problem = random_problem(5, 4, 3, 6, dtype, np.random.default_rng(6))
+    lengths = np.array([2, 5, 0, 3])
+    results = []
+    for name, arrays in ((backend, problem), ("numpy", as_float64(problem))):
+        y, (h_n, c_n), cache = nblstm.forward(arrays["x"], arrays["params"], arrays["h0"],
+                                              arrays["c0"], backend=name, lengths=lengths)
+        grads = nblstm.backward(cache, arrays["dy"], arrays["dh_n"], arrays["dc_n"])
+        results.append({"y": y, "h_n": h_n, "c_n": c_n, **vars(grads)})
+    for name, value in results[1].items():
+        assert relative_error(results[0][name], value) <= TOLERANCE[np.dtype(dtype)], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_calls_carry_the_state(backend, dtype):
+    rng = np.random.default_rng(9)
+    lstm = nblstm.LSTM(3, 5, num_layers=2, dtype=dtype, backend=backend, rng=2)
+    x = rng.standard_normal((7, 2, 3)).astype(dtype)
+    whole, state = lstm.forward(x, training=False)
+    first, carried = lstm.forward(x[:3], training=False)
+    second, final = lstm.forward(x[3:], state=carried, training=False)
+    tolerance = TOLERANCE[np.dtype(dtype)]
+    np.testing.assert_allclose(np.concatenate([first, second]), whole, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(final[0], state[0], rtol=0, atol=tolerance)
+    np.testing.assert_allclose(final[1], state[1], rtol=0, atol=tolerance)
+
+
+def test_dropout_is_reproducible_and_backends_agree(backend):
+    x = np.random.default_rng(3).standard_normal((5, 4, 3))
+    dy = np.random.default_rng(4).standard_normal((5, 4, 10))
+    results = []
+    for name in (backend, "numpy"):
+        lstm = nblstm.LSTM(3, 5, num_layers=3, bidirectional=True, dropout=0.4,
+                           dtype=np.float64, backend=name, rng=np.random.default_rng(11))
+        y, _ = lstm.forward(x)
+        dx, _ = lstm.backward(dy)
+        results.append((y, dx, lstm.grads[0][1].W_h))
+        y_eval, _ = lstm.forward(x, training=False)
+        no_dropout = nblstm.LSTM(3, 5, num_layers=3, bidirectional=True, dtype=np.float64,
+                                 backend=name)
+        no_dropout.params = lstm.params
+        np.testing.assert_array_equal(y_eval, no_dropout.forward(x, training=False)[0])
+    for ours, reference in zip(*results):
+        assert relative_error(ours, reference) < 1e-12
+
+
+def test_dropout_gradient_matches_finite_differences():
+    rng = np.random.default_rng(8)
+    lstm = nblstm.LSTM(2, 3, num_layers=2, bidirectional=True, dropout=0.5, dtype=np.float64,
+                       backend="numpy", rng=3)
+    x = rng.standard_normal((4, 2, 2))
+    lengths = np.array([4, 2])
+    dy = rng.standard_normal((4, 2, 6))
+
+    def loss(values):
+        lstm.rng = np.random.default_rng(99)
+        y, _ = lstm.forward(values, lengths=lengths)
+        return np.sum(y * dy)
+
+    loss(x)
+    dx, _ = lstm.backward(dy)
+    numeric = np.empty_like(x)
+    step = 1e-6
+    for index in np.ndindex(x.shape):
+        shifted = x.copy()
+        shifted[index] += step
+        plus = loss(shifted)
+        shifted[index] -= 2 * step
+        numeric[index] = (plus - loss(shifted)) / (2 * step)
+    assert relative_error(dx, numeric) < 1e-7
+
+
+def test_backward_is_repeatable_and_overwrites_grads(backend):
+    lstm = nblstm.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=np.float64, backend=backend)
+    x = np.random.default_rng(1).standard_normal((4, 3, 3))
+    y, _ = lstm.forward(x)
+    dy = np.ones_like(y)
+    first, _ = lstm.backward(dy)
+    grads = lstm.grads
+    second, _ = lstm.backward(dy)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(grads[1][0].W_h, lstm.grads[1][0].W_h)
+    assert lstm.grads is not grads
+
+
+def test_state_dict_round_trip(tmp_path):
+    lstm = nblstm.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=np.float32, rng=0)
+    np.savez(tmp_path / "weights.npz", **lstm.state_dict())
+    other = nblstm.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=np.float32, rng=1)
+    with np.load(tmp_path / "weights.npz") as stored:
+        other.load_state_dict(dict(stored))
+    x = np.random.default_rng(2).standard_normal((3, 2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(other.forward(x)[0], lstm.forward(x)[0])
+    broken = lstm.state_dict()
+    broken["l1.d0.W_h"] = broken["l1.d0.W_h"][:, :-1]
+    with pytest.raises(ValueError, match=r"l1.d0.W_h must have shape \(4, 16\)"):
+        other.load_state_dict(broken)
+
+
+def test_layer_rejects_bad_arguments():
+    lstm = nblstm.LSTM(3, 4, num_layers=2, dtype=np.float64)
+    x = np.zeros((5, 2, 3))
+    with pytest.raises(ValueError, match=r"lengths must satisfy 0 <= lengths\[b\] <= T = 5"):
+        lstm.forward(x, lengths=[6, 1])
+    with pytest.raises(ValueError, match=r"lengths must have shape \(B,\) = \(2,\)"):
+        lstm.forward(x, lengths=[1, 2, 3])
+    with pytest.raises(TypeError, match="lengths must hold integers"):
+        lstm.forward(x, lengths=np.array([1.5, 2.0]))
+    with pytest.raises(ValueError, match=r"state\[0\] must have shape"):
+        lstm.forward(x, state=(np.zeros((1, 2, 4)), np.zeros((2, 2, 4))))
+    with pytest.raises(RuntimeError, match="backward needs a preceding forward"):
+        nblstm.LSTM(3, 4).backward(None)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        nblstm.LSTM(3, 4, dropout=1.0)
