@@ -1,4 +1,4 @@
-"""Command line: ``python -m nblstm [verify] [--backend NAME] [--seed N]``."""
+"""Command line: ``python -m nblstm [verify | bench] ...`` (``verify`` is the default)."""
 import argparse
 
 from ._availability import available_backends
@@ -30,7 +30,23 @@ def main(argv=None):
     check.add_argument("--backend", action="append",
                        help="backend to check (repeatable); default: every available one")
     check.add_argument("--seed", type=int, default=None, help="seed for the random inputs")
+    timing = commands.add_parser("bench", help="time nblstm against torch.nn.LSTM (when "
+                                                "installed) and the NumPy reference")
+    timing.add_argument("--quick", action="store_true", help="a small grid (H 128/512, B 1/32)")
+    timing.add_argument("--json", action="store_true", help="machine-readable output")
+    timing.add_argument("--plot", metavar="FILE.png", help="draw speedup vs batch size "
+                                                           "(needs matplotlib)")
+    timing.add_argument("--backend", default="cpu", help="backend to time (default: cpu)")
+    timing.add_argument("--pairs", type=int, default=5,
+                        help="interleaved timing pairs per point (default: 5)")
+    timing.add_argument("--steps", type=int, default=100, help="sequence length T (default: 100)")
+    timing.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (I = H)")
+    timing.add_argument("--batch", type=int, nargs="+", help="batch sizes")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from . import bench
+
+        return bench.run(args)
     if args.command is None:
         args = check.parse_args([])
     return _verify(args)

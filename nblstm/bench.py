@@ -1,0 +1,272 @@
+"""Timing nblstm against its peers: the code behind ``python -m nblstm bench`` and ``bench/``.
+
+Every comparison is side by side in one process: the two contenders run
+alternately (interleaved pairs) and the reported speedup is the median of the
+per-pair ratios, so drifts in clock speed or background load hit both alike.
+"""
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numba
+import numpy as np
+
+from . import api
+from .layer import LSTM
+from .params import N_GATES, LSTMParams
+
+STEPS = 100
+HIDDEN_SIZES = (128, 256, 512, 1024)
+BATCH_SIZES = (1, 8, 32, 128)
+QUICK_HIDDEN_SIZES = (128, 512)
+QUICK_BATCH_SIZES = (1, 32)
+#: Edge of the square matrices whose product measures this machine's GEMM rate.
+GEMM_EDGE = 2048
+#: Interleaved (ours, peer) pairs per point; the median ratio is reported.
+PAIRS = 5
+#: The forward-and-backward flop count is this multiple of the forward's.
+BACKWARD_FACTOR = 3
+MODES = ("fwd", "fwdbwd")
+DTYPE_TAGS = {"f32": np.float32, "f64": np.float64}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One benchmark configuration: sizes, dtype tag and mode (``fwd``/``fwdbwd``)."""
+
+    steps: int
+    batch: int
+    hidden: int
+    dtype: str
+    mode: str
+
+    @property
+    def inputs(self):
+        """I = H, as in the issue's grid."""
+        return self.hidden
+
+    @property
+    def flops(self):
+        """2*T*B*(I+H)*4H for the forward pass, three times that with backward."""
+        forward = 2 * self.steps * self.batch * (self.inputs + self.hidden) * N_GATES * self.hidden
+        return forward * (BACKWARD_FACTOR if self.mode == "fwdbwd" else 1)
+
+    def name(self, backend):
+        """An id such as ``cpu-fwd-f32-H512-B32``."""
+        return f"{backend}-{self.mode}-{self.dtype}-H{self.hidden}-B{self.batch}"
+
+
+def grid(quick=False, steps=STEPS, hidden_sizes=None, batch_sizes=None):
+    """Every :class:`Point` of the (quick or full) grid, both dtypes and modes."""
+    hidden_sizes = hidden_sizes or (QUICK_HIDDEN_SIZES if quick else HIDDEN_SIZES)
+    batch_sizes = batch_sizes or (QUICK_BATCH_SIZES if quick else BATCH_SIZES)
+    return [Point(steps, batch, hidden, dtype, mode) for dtype in DTYPE_TAGS
+            for hidden in hidden_sizes for batch in batch_sizes for mode in MODES]
+
+
+def make_inputs(point, seed=0):
+    """Parameters, x (T, B, I) and dy (T, B, H) for one point, seeded."""
+    rng = np.random.default_rng(seed)
+    dtype = DTYPE_TAGS[point.dtype]
+    params = LSTMParams.init(point.inputs, point.hidden, dtype=dtype, rng=rng)
+    x = rng.standard_normal((point.steps, point.batch, point.inputs)).astype(dtype)
+    dy = rng.standard_normal((point.steps, point.batch, point.hidden)).astype(dtype)
+    return params, x, dy
+
+
+def nblstm_runner(point, backend, seed=0, lengths=None, bidirectional=False):
+    """A zero-argument callable running one nblstm pass of ``point`` on ``backend``."""
+    params, x, dy = make_inputs(point, seed)
+    if bidirectional:
+        lstm = LSTM(point.inputs, point.hidden, bidirectional=True,
+                    dtype=DTYPE_TAGS[point.dtype], backend=backend, rng=seed)
+        dy2 = np.concatenate([dy, dy], axis=2)
+        if point.mode == "fwd":
+            return lambda: lstm.forward(x, lengths=lengths, training=False)
+        return lambda: (lstm.forward(x, lengths=lengths), lstm.backward(dy2))
+    if point.mode == "fwd":
+        return lambda: api.forward(x, params, backend=backend, training=False, lengths=lengths)
+
+    def forward_backward():
+        _, _, cache = api.forward(x, params, backend=backend, lengths=lengths)
+        return api.backward(cache, dy)
+
+    return forward_backward
+
+
+def torch_runner(point, seed=0, lengths=None):
+    """The same pass with ``torch.nn.LSTM`` on the CPU (packed when ``lengths``), or None.
+
+    Timed the way the issue asks: forward under ``torch.inference_mode()``;
+    forward+backward with ``x.requires_grad_(True)`` and gradients reset to
+    None between runs; as many torch threads as Numba threads.
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.set_num_threads(numba.get_num_threads())
+    params, x, dy = make_inputs(point, seed)
+    module = LSTM.from_keras_weights(params.W_x, params.W_h, params.b).to_torch()
+    x_torch, dy_torch = torch.from_numpy(x), torch.from_numpy(dy)
+    lengths_torch = None if lengths is None else torch.from_numpy(np.asarray(lengths))
+
+    def run(inputs):
+        if lengths_torch is None:
+            return module(inputs)[0]
+        packed = pack_padded_sequence(inputs, lengths_torch, enforce_sorted=False)
+        return pad_packed_sequence(module(packed)[0], total_length=point.steps)[0]
+
+    if point.mode == "fwd":
+        def forward():
+            with torch.inference_mode():
+                return run(x_torch)
+        return forward
+
+    def forward_backward():
+        for parameter in module.parameters():
+            parameter.grad = None
+        inputs = x_torch.clone().requires_grad_(True)
+        run(inputs).backward(dy_torch)
+        return inputs.grad
+
+    return forward_backward
+
+
+def numpy_runner(point, seed=0):
+    """The same pass on the NumPy reference."""
+    return nblstm_runner(point, "numpy", seed)
+
+
+def _timed(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def compare(ours, peer, pairs=PAIRS):
+    """Median seconds of ``ours`` and ``peer`` and the median per-pair speedup peer/ours.
+
+    Both are called once to warm up, then alternately ``pairs`` times.
+    """
+    ours()
+    peer()
+    ours_times, peer_times = [], []
+    for _ in range(pairs):
+        ours_times.append(_timed(ours))
+        peer_times.append(_timed(peer))
+    ratios = [p / o for o, p in zip(ours_times, peer_times)]
+    return statistics.median(ours_times), statistics.median(peer_times), statistics.median(ratios)
+
+
+def median_time(function, repeats=PAIRS):
+    """Median seconds of ``function`` after one warm-up call."""
+    function()
+    return statistics.median(_timed(function) for _ in range(repeats))
+
+
+def gemm_rate(dtype, edge=GEMM_EDGE):
+    """This machine's measured GEMM rate in GFLOP/s (NumPy's BLAS, ``edge``^3)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((edge, edge)).astype(dtype)
+    b = rng.standard_normal((edge, edge)).astype(dtype)
+    seconds = min(_timed(lambda: a @ b) for _ in range(3))
+    return 2 * edge ** 3 / seconds / 1e9
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured point of ``python -m nblstm bench``."""
+
+    point: str
+    ms: float
+    gflops: float
+    percent_of_gemm: float
+    speedup_vs_numpy: float
+    speedup_vs_torch: float
+    torch_ms: float
+
+
+def measure(point, backend="cpu", pairs=PAIRS, gemm=None, with_numpy=True):
+    """Time one point against the NumPy reference and torch (when installed)."""
+    ours = nblstm_runner(point, backend)
+    peer = torch_runner(point)
+    if peer is not None:
+        ours_s, torch_s, vs_torch = compare(ours, peer, pairs)
+    else:
+        ours_s, torch_s, vs_torch = median_time(ours, pairs), float("nan"), float("nan")
+    vs_numpy = compare(ours, numpy_runner(point), pairs)[2] if with_numpy else float("nan")
+    gflops = point.flops / ours_s / 1e9
+    rate = gemm or float("nan")
+    return Row(point.name(backend), ours_s * 1e3, gflops, 100 * gflops / rate, vs_numpy,
+               vs_torch, torch_s * 1e3)
+
+
+def _progress(done, total, label):
+    width = 30
+    filled = width * done // total
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<28}")
+    sys.stderr.flush()
+
+
+def format_table(rows):
+    """The rows as a fixed-width text table."""
+    lines = [f"{'point':<26} {'ms':>9} {'GFLOP/s':>8} {'%GEMM':>6} {'x numpy':>8} "
+             f"{'x torch':>8} {'torch ms':>9}"]
+    for row in rows:
+        lines.append(f"{row.point:<26} {row.ms:9.2f} {row.gflops:8.1f} {row.percent_of_gemm:6.1f}"
+                     f" {row.speedup_vs_numpy:8.2f} {row.speedup_vs_torch:8.2f} "
+                     f"{row.torch_ms:9.2f}")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Speedup vs torch against batch size, one line per H and dtype/mode (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    series = {}
+    for row in rows:
+        _, mode, dtype, hidden, batch = row.point.split("-")
+        series.setdefault(f"{mode} {dtype} {hidden}", []).append((int(batch[1:]),
+                                                                   row.speedup_vs_torch))
+    for label, values in sorted(series.items()):
+        values.sort()
+        axis.plot([b for b, _ in values], [s for _, s in values], marker="o", label=label)
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("batch size")
+    axis.set_ylabel("speedup vs torch.nn.LSTM (CPU)")
+    axis.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def run(args):
+    """``python -m nblstm bench``: measure the grid and print (or dump) the table."""
+    points = grid(quick=args.quick, steps=args.steps, hidden_sizes=args.hidden,
+                  batch_sizes=args.batch)
+    rates = {tag: gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()}
+    rows = []
+    for done, point in enumerate(points):
+        _progress(done, len(points), point.name(args.backend))
+        rows.append(measure(point, args.backend, args.pairs, rates[point.dtype]))
+    _progress(len(points), len(points), "done")
+    sys.stderr.write("\n")
+    if args.json:
+        print(json.dumps({"gemm_gflops": rates, "threads": numba.get_num_threads(),
+                          "rows": [asdict(row) for row in rows]}, indent=1))
+    else:
+        print(f"GEMM rate at {GEMM_EDGE}^3: " + ", ".join(f"{tag} {rate:.0f} GFLOP/s"
+                                                          for tag, rate in rates.items()))
+        print(format_table(rows))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0

@@ -1,0 +1,27 @@
+"""The benchmark suite and ``python -m nblstm bench`` run (tiny shapes; no timing asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from nblstm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_command_reports_every_point(capsys):
+    assert main(["bench", "--steps", "3", "--hidden", "8", "--batch", "1", "2", "--pairs", "1",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [row["point"] for row in report["rows"]]
+    assert names == [f"cpu-{mode}-{dtype}-H8-B{batch}" for dtype in ("f32", "f64")
+                     for batch in (1, 2) for mode in ("fwd", "fwdbwd")]
+    assert all(row["ms"] > 0 and row["speedup_vs_numpy"] > 0 for row in report["rows"])
+    assert report["gemm_gflops"]["f32"] > 0
+
+
+def test_benchmark_suite_runs():
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--smoke",
+         "--benchmark-disable"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-2000:]
