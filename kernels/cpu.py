@@ -1,13 +1,16 @@
 """CPU drivers: Numba ``parallel=True`` time loops plus the GEMMs around them.
 
 Shape of the work (DESIGN.md): the input projection ``x @ W_x + b`` is one
-GEMM per direction before the time loop; inside the loop each step is one
+product per direction before the time loop; inside the loop each step is one
 parallel pass over tiles of (direction, active batch rows, hidden units) that
 computes the recurrent product for the tile's units (all four gates) and
 applies the cell math right there, so a step costs one thread-pool barrier and
 no BLAS call, and both directions of a bidirectional layer share it. The
-weight, bias and input gradients are GEMMs/reductions over the saved
-``d_gates`` after the loop.
+weight, bias and input gradients are products/reductions over the saved
+``d_gates`` after the loop. Every product, large or per step, runs on
+Numba's thread pool (:func:`matmul_nt`): a BLAS call would wake a second
+pool whose threads keep spinning for milliseconds after it returns, and on a
+small machine that costs more than the faster BLAS kernel saves.
 
 Variable lengths: before each step the rows still running are listed, and only
 they are tiled, so the work per step follows the number of running sequences.
@@ -34,6 +37,9 @@ ROWS_PER_TILE = 16
 ROW_BLOCK = 4
 #: Number of gates along the 4H axis (i, f, g, o).
 N_GATES = 4
+#: Tile of the large products (input projection, gradients): rows x columns.
+PRODUCT_ROWS = 64
+PRODUCT_COLS = 64
 #: Floating-point freedoms of the recurrent product only: reassociation lets
 #: the dot products vectorize (in a fixed, thread-independent order) and
 #: contraction fuses multiply-adds. NaN and Inf keep their IEEE meaning.
@@ -41,36 +47,84 @@ PRODUCT_MATH = {"reassoc", "contract"}
 
 
 @njit(fastmath=PRODUCT_MATH, cache=True)
-def _dot_rows(a, m_t, rows, row_lo, row_hi, col_lo, col_hi, out):
-    """``out[r, j] = a[r, :] @ m_t[j, :]`` for r in ``rows[row_lo:row_hi]``, j in [col_lo, col_hi).
+def _dot_rows(a, m_t, rows, row_lo, row_hi, col_lo, col_hi, out, accumulate):
+    """``out[r, j] (+)= a[r, :] @ m_t[j, :]`` for r in ``rows[row_lo:row_hi]``, j in [col_lo, col_hi).
 
-    a: (B, K); m_t: (N, K); rows: (B,) row indices; out: (B, N).
+    a: (R, K); m_t: (N, K); rows: row indices into a and out; out: (R, N).
+    Register-blocked over ROW_BLOCK rows and two columns: each loaded element
+    of ``a`` and ``m_t`` feeds several multiply-adds. Adds to ``out`` when
+    ``accumulate``, else overwrites it.
     """
     depth = a.shape[1]
     zero = out.dtype.type(0)
-    for j in range(col_lo, col_hi):
+    j = col_lo
+    while j < col_hi:
+        pair = j + 1 < col_hi
         n = row_lo
-        while n + ROW_BLOCK <= row_hi:
-            r0, r1, r2, r3 = rows[n], rows[n + 1], rows[n + 2], rows[n + 3]
-            acc0 = acc1 = acc2 = acc3 = zero
-            for k in range(depth):
-                w = m_t[j, k]
-                acc0 += a[r0, k] * w
-                acc1 += a[r1, k] * w
-                acc2 += a[r2, k] * w
-                acc3 += a[r3, k] * w
-            out[r0, j] = acc0
-            out[r1, j] = acc1
-            out[r2, j] = acc2
-            out[r3, j] = acc3
-            n += ROW_BLOCK
         while n < row_hi:
-            r = rows[n]
-            acc = zero
+            block = min(ROW_BLOCK, row_hi - n)
+            r0 = rows[n]
+            r1 = rows[n + min(1, block - 1)]
+            r2 = rows[n + min(2, block - 1)]
+            r3 = rows[n + min(3, block - 1)]
+            j1 = j + 1 if pair else j
+            acc00 = acc10 = acc20 = acc30 = zero
+            acc01 = acc11 = acc21 = acc31 = zero
             for k in range(depth):
-                acc += a[r, k] * m_t[j, k]
-            out[r, j] = acc
-            n += 1
+                w0 = m_t[j, k]
+                w1 = m_t[j1, k]
+                a0 = a[r0, k]
+                a1 = a[r1, k]
+                a2 = a[r2, k]
+                a3 = a[r3, k]
+                acc00 += a0 * w0
+                acc10 += a1 * w0
+                acc20 += a2 * w0
+                acc30 += a3 * w0
+                acc01 += a0 * w1
+                acc11 += a1 * w1
+                acc21 += a2 * w1
+                acc31 += a3 * w1
+            _store(out, r0, j, acc00, accumulate)
+            if block > 1:
+                _store(out, r1, j, acc10, accumulate)
+            if block > 2:
+                _store(out, r2, j, acc20, accumulate)
+            if block > 3:
+                _store(out, r3, j, acc30, accumulate)
+            if pair:
+                _store(out, r0, j1, acc01, accumulate)
+                if block > 1:
+                    _store(out, r1, j1, acc11, accumulate)
+                if block > 2:
+                    _store(out, r2, j1, acc21, accumulate)
+                if block > 3:
+                    _store(out, r3, j1, acc31, accumulate)
+            n += block
+        j += 2
+
+
+@njit(inline="always")
+def _store(out, row, col, value, accumulate):
+    out[row, col] = out[row, col] + value if accumulate else value
+
+
+@njit(parallel=True, cache=True)
+def matmul_nt(a, m_t, out, accumulate):
+    """``out (R, N) (+)= a (R, K) @ m_t (N, K).T`` in parallel tiles, each element in a fixed order.
+
+    The large products run on Numba's thread pool too, so no second (BLAS)
+    pool wakes up and spins beside it.
+    """
+    n_rows, n_cols = out.shape
+    rows = np.arange(n_rows)
+    n_col_tiles = (n_cols + PRODUCT_COLS - 1) // PRODUCT_COLS
+    n_tiles = ((n_rows + PRODUCT_ROWS - 1) // PRODUCT_ROWS) * n_col_tiles
+    for tile in prange(n_tiles):
+        row_lo = (tile // n_col_tiles) * PRODUCT_ROWS
+        col_lo = (tile % n_col_tiles) * PRODUCT_COLS
+        _dot_rows(a, m_t, rows, row_lo, min(row_lo + PRODUCT_ROWS, n_rows), col_lo,
+                  min(col_lo + PRODUCT_COLS, n_cols), out, accumulate)
 
 
 @njit(inline="always")
@@ -129,7 +183,7 @@ def forward_loop(gates, w_h_t, h_ring, c_ring, z, lengths, running, y, hidden_st
             c_prev = c_ring[d, prev]
             for gate in range(N_GATES):
                 _dot_rows(h_prev, w_h_t[d], running, row_lo, row_hi,
-                          gate * hidden + unit_lo, gate * hidden + unit_hi, z[d])
+                          gate * hidden + unit_lo, gate * hidden + unit_hi, z[d], False)
             for n in range(row_lo, row_hi):
                 r = running[n]
                 t = step_time(step, lengths[r], d == 1)
@@ -182,7 +236,7 @@ def backward_loop(gates, cell_states, w_h, lengths, running, dy, dh_n, dc_carry,
                                                                n_rows, hidden)
             if step + 1 < steps:
                 _dot_rows(dz_ring[(step + 1) % 2, d], w_h[d], running, row_lo, row_hi,
-                          unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d])
+                          unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], False)
             if step < 0:
                 continue
             for n in range(row_lo, row_hi):
@@ -225,7 +279,8 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
         gates, hidden_states, cell_states = saved
     flat_x = x.reshape(steps * batch, inputs)
     for d in range(n_dirs):
-        np.matmul(flat_x, w_x[d], out=gates[d].reshape(steps * batch, -1))
+        matmul_nt(flat_x, np.ascontiguousarray(w_x[d].T), gates[d].reshape(steps * batch, -1),
+                  False)
         gates[d] += b[d]
     h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
     c_ring = np.empty_like(h_ring)
@@ -276,14 +331,16 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     backward_loop(gates, cell_states[:, :steps], w_h, lengths, np.empty(batch, np.int64), dy,
                   dh_n, dc, np.empty((2, n_dirs, batch, four_hidden), x.dtype),
                   np.empty_like(dh0), dh0, d_gates)
-    flat_x = x.reshape(steps * batch, inputs)
-    dx = np.zeros((steps * batch, inputs), x.dtype)
-    dw_x = np.empty_like(w_x)
-    dw_h = np.empty_like(w_h)
+    x_t = np.ascontiguousarray(x.reshape(steps * batch, inputs).T)
+    dx = np.empty((steps * batch, inputs), x.dtype)
+    dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
+    dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
     for d in range(n_dirs):
         dz = d_gates[d].reshape(steps * batch, four_hidden)
-        dx += dz @ w_x[d].T
-        dw_x[d] = flat_x.T @ dz
-        dw_h[d] = hidden_states[d, :steps].reshape(steps * batch, hidden).T @ dz
+        dz_t = np.ascontiguousarray(dz.T)
+        matmul_nt(dz, np.ascontiguousarray(w_x[d]), dx, d > 0)
+        matmul_nt(x_t, dz_t, dw_x[d], False)
+        h_t = np.ascontiguousarray(hidden_states[d, :steps].reshape(steps * batch, hidden).T)
+        matmul_nt(h_t, dz_t, dw_h[d], False)
     db = d_gates.sum(axis=(1, 2))
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db

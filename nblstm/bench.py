@@ -29,6 +29,10 @@ PAIRS = 5
 #: The forward-and-backward flop count is this multiple of the forward's.
 BACKWARD_FACTOR = 3
 MODES = ("fwd", "fwdbwd")
+#: Pause before each timed call, so that the thread pool of the contender that
+#: ran before (OpenMP, OpenBLAS) has stopped spinning and each run starts on
+#: an idle machine.
+SETTLE_SECONDS = 0.05
 DTYPE_TAGS = {"f32": np.float32, "f64": np.float64}
 
 
@@ -143,6 +147,7 @@ def numpy_runner(point, seed=0):
 
 
 def _timed(function):
+    time.sleep(SETTLE_SECONDS)
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
