@@ -110,14 +110,14 @@ def _store(out, row, col, value, accumulate):
 
 
 @njit(parallel=True, cache=True)
-def matmul_nt(a, m_t, out, accumulate):
-    """``out (R, N) (+)= a (R, K) @ m_t (N, K).T`` in parallel tiles, each element in a fixed order.
+def matmul_nt(a, m_t, rows, out, accumulate):
+    """``out[r] (+)= a[r] @ m_t.T`` for r in ``rows``, in parallel tiles, each element in a fixed order.
 
+    a: (R, K); m_t: (N, K); rows: row indices; out: (R, N), other rows untouched.
     The large products run on Numba's thread pool too, so no second (BLAS)
     pool wakes up and spins beside it.
     """
-    n_rows, n_cols = out.shape
-    rows = np.arange(n_rows)
+    n_rows, n_cols = rows.shape[0], out.shape[1]
     n_col_tiles = (n_cols + PRODUCT_COLS - 1) // PRODUCT_COLS
     n_tiles = ((n_rows + PRODUCT_ROWS - 1) // PRODUCT_ROWS) * n_col_tiles
     for tile in prange(n_tiles):
@@ -278,10 +278,11 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     else:
         gates, hidden_states, cell_states = saved
     flat_x = x.reshape(steps * batch, inputs)
+    rows = valid_rows(lengths, steps)
     for d in range(n_dirs):
-        matmul_nt(flat_x, np.ascontiguousarray(w_x[d].T), gates[d].reshape(steps * batch, -1),
-                  False)
-        gates[d] += b[d]
+        flat_gates = gates[d].reshape(steps * batch, -1)
+        matmul_nt(flat_x, np.ascontiguousarray(w_x[d].T), rows, flat_gates, False)
+        flat_gates[rows] += b[d]
     h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
     c_ring = np.empty_like(h_ring)
     h_ring[:, 0], c_ring[:, 0] = h0, c0
@@ -290,13 +291,17 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     running = np.empty(batch, np.int64)
     forward_loop(gates, w_h_t, h_ring, c_ring, z, lengths, running, y,
                  hidden_states[:, :steps], cell_states[:, :steps])
-    final = lengths % 2
-    rows = np.arange(batch)
-    h_n, c_n = h_ring[:, final, rows], c_ring[:, final, rows]
+    h_n = h_ring[:, lengths % 2, np.arange(batch)]
+    c_n = c_ring[:, lengths % 2, np.arange(batch)]
     if saved is not None:
         _clear_padding(gates, hidden_states, cell_states, lengths)
         hidden_states[:, steps], cell_states[:, steps] = h_n, c_n
     return h_n, c_n
+
+
+def valid_rows(lengths, steps):
+    """Indices ``t * B + b`` of the valid (time, row) pairs, ``t < lengths[b]``, in order."""
+    return np.flatnonzero(np.arange(steps)[:, None] < lengths[None, :])
 
 
 def _clear_padding(gates, hidden_states, cell_states, lengths):
@@ -332,15 +337,16 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
                   dh_n, dc, np.empty((2, n_dirs, batch, four_hidden), x.dtype),
                   np.empty_like(dh0), dh0, d_gates)
     x_t = np.ascontiguousarray(x.reshape(steps * batch, inputs).T)
-    dx = np.empty((steps * batch, inputs), x.dtype)
+    rows = valid_rows(lengths, steps)
+    dx = np.zeros((steps * batch, inputs), x.dtype)
     dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
     dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
     for d in range(n_dirs):
         dz = d_gates[d].reshape(steps * batch, four_hidden)
         dz_t = np.ascontiguousarray(dz.T)
-        matmul_nt(dz, np.ascontiguousarray(w_x[d]), dx, d > 0)
-        matmul_nt(x_t, dz_t, dw_x[d], False)
+        matmul_nt(dz, np.ascontiguousarray(w_x[d]), rows, dx, d > 0)
+        matmul_nt(x_t, dz_t, np.arange(inputs), dw_x[d], False)
         h_t = np.ascontiguousarray(hidden_states[d, :steps].reshape(steps * batch, hidden).T)
-        matmul_nt(h_t, dz_t, dw_h[d], False)
+        matmul_nt(h_t, dz_t, np.arange(hidden), dw_h[d], False)
     db = d_gates.sum(axis=(1, 2))
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db
