@@ -336,17 +336,19 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     backward_loop(gates, cell_states[:, :steps], w_h, lengths, np.empty(batch, np.int64), dy,
                   dh_n, dc, np.empty((2, n_dirs, batch, four_hidden), x.dtype),
                   np.empty_like(dh0), dh0, d_gates)
-    x_t = np.ascontiguousarray(x.reshape(steps * batch, inputs).T)
     rows = valid_rows(lengths, steps)
+    # The weight gradients sum over the valid (time, row) pairs only.
+    x_t = np.ascontiguousarray(x.reshape(steps * batch, inputs)[rows].T)
     dx = np.zeros((steps * batch, inputs), x.dtype)
     dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
     dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
     for d in range(n_dirs):
         dz = d_gates[d].reshape(steps * batch, four_hidden)
-        dz_t = np.ascontiguousarray(dz.T)
+        dz_t = np.ascontiguousarray(dz[rows].T)
         matmul_nt(dz, np.ascontiguousarray(w_x[d]), rows, dx, d > 0)
         matmul_nt(x_t, dz_t, np.arange(inputs), dw_x[d], False)
-        h_t = np.ascontiguousarray(hidden_states[d, :steps].reshape(steps * batch, hidden).T)
+        h_t = np.ascontiguousarray(
+            hidden_states[d, :steps].reshape(steps * batch, hidden)[rows].T)
         matmul_nt(h_t, dz_t, np.arange(hidden), dw_h[d], False)
     db = d_gates.sum(axis=(1, 2))
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db
