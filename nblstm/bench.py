@@ -254,8 +254,46 @@ def plot(rows, path):
     figure.savefig(path)
 
 
+#: The variable-length point: B=32, I=H=256, lengths uniform in [T/4, T] (seed 0).
+SEQUENCE_BATCH = 32
+SEQUENCE_HIDDEN = 256
+
+
+def sequence_report(pairs=PAIRS, steps=STEPS):
+    """Lines comparing variable lengths with full length and with torch's packed path,
+    and bidirectional with unidirectional, at B=32, I=H=256, float32."""
+    rng = np.random.default_rng(0)
+    quarter_to_full = rng.integers(steps // 4, steps + 1, SEQUENCE_BATCH)
+    up_to_full = rng.integers(0, steps + 1, SEQUENCE_BATCH)
+    full = np.full(SEQUENCE_BATCH, steps)
+    lines = []
+    for mode in MODES:
+        point = Point(steps, SEQUENCE_BATCH, SEQUENCE_HIDDEN, "f32", mode)
+        ours_full = nblstm_runner(point, "cpu", lengths=full)
+        ours_quarter = nblstm_runner(point, "cpu", lengths=quarter_to_full)
+        full_s, half_s, _ = compare(ours_full, nblstm_runner(point, "cpu", lengths=up_to_full),
+                                    pairs)
+        lines.append(f"{mode}: lengths U[0,T] (mean {up_to_full.mean():.1f}) / full length: "
+                     f"{half_s / full_s:.2f}")
+        packed = torch_runner(point, lengths=quarter_to_full)
+        if packed is not None:
+            ours_s, torch_s, ratio = compare(ours_quarter, packed, pairs)
+            lines.append(f"{mode}: lengths U[T/4,T]: nblstm {ours_s * 1e3:.1f} ms, torch packed "
+                         f"{torch_s * 1e3:.1f} ms, speedup {ratio:.2f}")
+            unpacked_s = median_time(torch_runner(point), pairs)
+            lines.append(f"{mode}: torch packed / torch full-length unpacked: "
+                         f"{torch_s / unpacked_s:.2f}")
+        uni_s, bi_s, _ = compare(nblstm_runner(point, "cpu"),
+                                 nblstm_runner(point, "cpu", bidirectional=True), pairs)
+        lines.append(f"{mode}: bidirectional / unidirectional: {bi_s / uni_s:.2f}")
+    return lines
+
+
 def run(args):
     """``python -m nblstm bench``: measure the grid and print (or dump) the table."""
+    if args.sequences:
+        print("\n".join(sequence_report(args.pairs, args.steps)))
+        return 0
     points = grid(quick=args.quick, steps=args.steps, hidden_sizes=args.hidden,
                   batch_sizes=args.batch)
     rates = {tag: gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()}

@@ -34,6 +34,9 @@ def main(argv=None):
                                                 "installed) and the NumPy reference")
     timing.add_argument("--quick", action="store_true", help="a small grid (H 128/512, B 1/32)")
     timing.add_argument("--json", action="store_true", help="machine-readable output")
+    timing.add_argument("--sequences", action="store_true",
+                        help="instead of the grid: variable lengths vs full length and vs "
+                             "torch's packed path, bidirectional vs unidirectional")
     timing.add_argument("--plot", metavar="FILE.png", help="draw speedup vs batch size "
                                                            "(needs matplotlib)")
     timing.add_argument("--backend", default="cpu", help="backend to time (default: cpu)")

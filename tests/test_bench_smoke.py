@@ -25,3 +25,11 @@ def test_benchmark_suite_runs():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--smoke",
          "--benchmark-disable"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-2000:]
+
+
+def test_bench_sequences_report(capsys):
+    assert main(["bench", "--sequences", "--steps", "8", "--pairs", "1"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("fwd", "fwdbwd"):
+        assert f"{mode}: bidirectional / unidirectional" in out
+        assert f"{mode}: lengths U[0,T]" in out
