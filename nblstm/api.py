@@ -137,6 +137,23 @@ def check_state(impl, value, name, shape, dtype, what):
     return value
 
 
+def check_output_gradient(impl, dy, steps, batch, features, dtype, batch_first, feature_name):
+    """Validate an optional dy of y's shape; return it time-major and contiguous for ``impl``.
+
+    ``feature_name`` spells the last axis in the error message ("H" or "D*H").
+    """
+    if dy is None:
+        return None
+    if batch_first:
+        shape, what = (batch, steps, features), f"(B, T, {feature_name})"
+    else:
+        shape, what = (steps, batch, features), f"(T, B, {feature_name})"
+    check_array(dy, "dy", ndim=3)
+    dy = impl.adopt(dy, "dy")
+    check_tensor(dy, "dy", shape, dtype, what)
+    return impl.time_major(dy, batch_first)
+
+
 def check_lengths(lengths, batch, steps):
     """Validate ``lengths`` (B,) integers in [0, T]; return them as a host int64 array.
 
@@ -288,12 +305,7 @@ def backward(cache, dy, dh_n=None, dc_n=None):
     impl = get_backend(cache.backend)
     dtype = cache.params[0].dtype
     steps, batch, hidden = cache.steps, cache.batch, cache.params[0].hidden_size
-    if dy is not None:
-        y_shape = (batch, steps, hidden) if cache.batch_first else (steps, batch, hidden)
-        check_array(dy, "dy", ndim=3)
-        dy = impl.adopt(dy, "dy")
-        check_tensor(dy, "dy", y_shape, dtype, "(B, T, H)" if cache.batch_first else "(T, B, H)")
-        dy = impl.time_major(dy, cache.batch_first)
+    dy = check_output_gradient(impl, dy, steps, batch, hidden, dtype, cache.batch_first, "H")
     state_shape = (batch, hidden)
     dh_n = check_state(impl, dh_n, "dh_n", state_shape, dtype, "(B, H)")
     dc_n = check_state(impl, dc_n, "dc_n", state_shape, dtype, "(B, H)")

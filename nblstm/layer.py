@@ -174,14 +174,8 @@ class LSTM:
         impl = api.get_backend(name)
         steps = caches[0].steps
         n_dirs, hidden = self.directions, self.hidden_size
-        if dy is not None:
-            check_array(dy, "dy", ndim=3)
-            dy = impl.adopt(dy, "dy")
-            features = n_dirs * hidden
-            y_shape = (batch, steps, features) if self.batch_first else (steps, batch, features)
-            api.check_tensor(dy, "dy", y_shape, self.dtype,
-                             "(B, T, D*H)" if self.batch_first else "(T, B, D*H)")
-            dy = impl.time_major(dy, self.batch_first)
+        dy = api.check_output_gradient(impl, dy, steps, batch, n_dirs * hidden, self.dtype,
+                                       self.batch_first, "D*H")
         dh_n, dc_n = self._check_states(impl, d_state, "d_state", batch)
         grads, dh0, dc0 = [None] * self.num_layers, [None] * self.num_layers, [None] * self.num_layers
         for layer in reversed(range(self.num_layers)):
