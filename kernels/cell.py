@@ -11,6 +11,9 @@ import math
 
 from numba import njit
 
+#: Number of gates stacked along the 4H axis, in the order i, f, g, o.
+N_GATES = 4
+
 
 @njit(inline="always")
 def sigmoid(z):

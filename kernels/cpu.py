@@ -27,7 +27,7 @@ into the buffers they are given.
 import numpy as np
 from numba import njit, prange
 
-from .cell import cell_backward, cell_forward, step_time
+from .cell import N_GATES, cell_backward, cell_forward, step_time
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 UNITS_PER_TILE = 32
@@ -35,8 +35,6 @@ UNITS_PER_TILE = 32
 ROWS_PER_TILE = 16
 #: Rows sharing each load of a weight row in the recurrent product.
 ROW_BLOCK = 4
-#: Number of gates along the 4H axis (i, f, g, o).
-N_GATES = 4
 #: Tile of the large products (input projection, gradients): rows x columns.
 PRODUCT_ROWS = 64
 PRODUCT_COLS = 64

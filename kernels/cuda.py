@@ -20,10 +20,8 @@ from functools import lru_cache
 from numba import config, cuda, types
 from numba.np.numpy_support import from_dtype
 
-from .cell import cell_backward, cell_forward, step_time
+from .cell import N_GATES, cell_backward, cell_forward, step_time
 
-#: Number of gates along the 4H axis (i, f, g, o).
-N_GATES = 4
 #: Rows summed by one thread in the first pass of the column reduction.
 REDUCE_ROWS = 64
 #: Fallback launch sizes under the simulator, whose device has no properties

@@ -15,7 +15,7 @@ from .params import N_GATES
 
 
 class HostBackend:
-    """Shared host-memory handling; subclasses implement ``_forward``/``_backward``."""
+    """Shared host-memory handling; subclasses implement ``forward``/``backward``."""
 
     name = None
 

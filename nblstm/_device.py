@@ -13,7 +13,7 @@ def is_device_array(value):
     if isinstance(value, type):
         return False
     try:
-        getattr(value, "__cuda_array_interface__")
+        value.__cuda_array_interface__  # noqa: B018  (the property may raise)
     except AttributeError:
         return bool(getattr(value, "__cuda_ndarray__", False))
     except Exception:

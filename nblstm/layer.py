@@ -13,6 +13,11 @@ ONNX_ORDER = (0, 2, 3, 1)
 NBLSTM_ORDER = (0, 3, 1, 2)
 
 
+def _torch_name(name, layer, direction):
+    """PyTorch's attribute name, e.g. ``weight_hh_l1_reverse``."""
+    return f"{name}_l{layer}" + ("_reverse" if direction == 1 else "")
+
+
 def _reorder_gates(array, order, axis):
     """Permute the four gate blocks of ``array`` along ``axis``."""
     blocks = np.split(array, N_GATES, axis=axis)
@@ -249,15 +254,12 @@ class LSTM:
         for layer in range(module.num_layers):
             params.append([])
             for d in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
-
-                def weight(name):
-                    return getattr(module, name + suffix).detach().cpu().numpy()
-
-                w_ih, w_hh = weight("weight_ih"), weight("weight_hh")
+                w_ih, w_hh, *biases = (
+                    getattr(module, _torch_name(name, layer, d)).detach().cpu().numpy()
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[
+                        :4 if module.bias else 2])
                 check_float_dtype(w_ih, "module weights")
-                bias = (weight("bias_ih") + weight("bias_hh") if module.bias
-                        else np.zeros(w_ih.shape[0], w_ih.dtype))
+                bias = biases[0] + biases[1] if biases else np.zeros(w_ih.shape[0], w_ih.dtype)
                 params[-1].append(LSTMParams(W_x=np.ascontiguousarray(w_ih.T),
                                              W_h=np.ascontiguousarray(w_hh.T), b=bias))
         return cls._with_params(params, batch_first=module.batch_first,
@@ -275,11 +277,11 @@ class LSTM:
             for layer, directions in enumerate(self.params):
                 for d, p in enumerate(directions):
                     host = p.to_host()
-                    suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                    getattr(module, "weight_ih" + suffix).copy_(torch.from_numpy(host.W_x.T.copy()))
-                    getattr(module, "weight_hh" + suffix).copy_(torch.from_numpy(host.W_h.T.copy()))
-                    getattr(module, "bias_ih" + suffix).copy_(torch.from_numpy(np.array(host.b)))
-                    getattr(module, "bias_hh" + suffix).zero_()
+                    values = {"weight_ih": host.W_x.T, "weight_hh": host.W_h.T, "bias_ih": host.b,
+                              "bias_hh": np.zeros_like(host.b)}
+                    for name, value in values.items():
+                        getattr(module, _torch_name(name, layer, d)).copy_(
+                            torch.from_numpy(np.array(value)))
         return module
 
     @classmethod

@@ -6,8 +6,7 @@ import numpy as np
 from ._device import as_device_array, is_device_array
 from ._validation import check_array, check_float_dtype
 
-#: Number of gates stacked along the 4H axis, in the order i, f, g, o.
-N_GATES = 4
+from .kernels.cell import N_GATES  # noqa: F401  (re-exported for the API modules)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,4 @@
 """Shared test helpers: random problems, comparison, the backends under test."""
-import numpy as np
-
 import nblstm
 from nblstm.verify import TOLERANCE, as_float64, random_problem, relative_error, run
 

@@ -110,7 +110,7 @@ def test_onnx_gate_order_is_i_o_f_c():
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_onnx_reference_evaluator_agrees(bidirectional):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
     from onnx.reference import ReferenceEvaluator
 
