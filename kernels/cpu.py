@@ -8,7 +8,7 @@ applies the cell math right there, so a step costs one thread-pool barrier and
 no BLAS call, and both directions of a bidirectional layer share it. The
 weight, bias and input gradients are products/reductions over the saved
 ``d_gates`` after the loop. Every product, large or per step, runs on
-Numba's thread pool (:func:`matmul_nt`): a BLAS call would wake a second
+Numba's thread pool (:mod:`.gemm`): a BLAS call would wake a second
 pool whose threads keep spinning for milliseconds after it returns, and on a
 small machine that costs more than the faster BLAS kernel saves.
 
@@ -28,102 +28,14 @@ import numpy as np
 from numba import njit, prange
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
+from .gemm import block_columns, matmul, pack_panels, packed, panel_shape, product_tile
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
+#: A multiple of the products' block width, so tiles start on panel edges.
 UNITS_PER_TILE = 32
 #: Batch rows per tile.
 ROWS_PER_TILE = 16
-#: Rows sharing each load of a weight row in the recurrent product.
-ROW_BLOCK = 4
-#: Tile of the large products (input projection, gradients): rows x columns.
-PRODUCT_ROWS = 64
-PRODUCT_COLS = 64
-#: Floating-point freedoms of the recurrent product only: reassociation lets
-#: the dot products vectorize (in a fixed, thread-independent order) and
-#: contraction fuses multiply-adds. NaN and Inf keep their IEEE meaning.
-PRODUCT_MATH = {"reassoc", "contract"}
-
-
-@njit(fastmath=PRODUCT_MATH, cache=True)
-def _dot_rows(a, m_t, rows, row_lo, row_hi, col_lo, col_hi, out, accumulate):
-    """``out[r, j] (+)= a[r, :] @ m_t[j, :]`` for r in ``rows[row_lo:row_hi]``, j in [col_lo, col_hi).
-
-    a: (R, K); m_t: (N, K); rows: row indices into a and out; out: (R, N).
-    Register-blocked over ROW_BLOCK rows and two columns: each loaded element
-    of ``a`` and ``m_t`` feeds several multiply-adds. Adds to ``out`` when
-    ``accumulate``, else overwrites it.
-    """
-    depth = a.shape[1]
-    zero = out.dtype.type(0)
-    j = col_lo
-    while j < col_hi:
-        pair = j + 1 < col_hi
-        n = row_lo
-        while n < row_hi:
-            block = min(ROW_BLOCK, row_hi - n)
-            r0 = rows[n]
-            r1 = rows[n + min(1, block - 1)]
-            r2 = rows[n + min(2, block - 1)]
-            r3 = rows[n + min(3, block - 1)]
-            j1 = j + 1 if pair else j
-            acc00 = acc10 = acc20 = acc30 = zero
-            acc01 = acc11 = acc21 = acc31 = zero
-            for k in range(depth):
-                w0 = m_t[j, k]
-                w1 = m_t[j1, k]
-                a0 = a[r0, k]
-                a1 = a[r1, k]
-                a2 = a[r2, k]
-                a3 = a[r3, k]
-                acc00 += a0 * w0
-                acc10 += a1 * w0
-                acc20 += a2 * w0
-                acc30 += a3 * w0
-                acc01 += a0 * w1
-                acc11 += a1 * w1
-                acc21 += a2 * w1
-                acc31 += a3 * w1
-            _store(out, r0, j, acc00, accumulate)
-            if block > 1:
-                _store(out, r1, j, acc10, accumulate)
-            if block > 2:
-                _store(out, r2, j, acc20, accumulate)
-            if block > 3:
-                _store(out, r3, j, acc30, accumulate)
-            if pair:
-                _store(out, r0, j1, acc01, accumulate)
-                if block > 1:
-                    _store(out, r1, j1, acc11, accumulate)
-                if block > 2:
-                    _store(out, r2, j1, acc21, accumulate)
-                if block > 3:
-                    _store(out, r3, j1, acc31, accumulate)
-            n += block
-        j += 2
-
-
-@njit(inline="always")
-def _store(out, row, col, value, accumulate):
-    out[row, col] = out[row, col] + value if accumulate else value
-
-
-@njit(parallel=True, cache=True)
-def matmul_nt(a, m_t, rows, out, accumulate):
-    """``out[r] (+)= a[r] @ m_t.T`` for r in ``rows``, in parallel tiles, each element in a fixed order.
-
-    a: (R, K); m_t: (N, K); rows: row indices; out: (R, N), other rows untouched.
-    The large products run on Numba's thread pool too, so no second (BLAS)
-    pool wakes up and spins beside it.
-    """
-    n_rows, n_cols = rows.shape[0], out.shape[1]
-    n_col_tiles = (n_cols + PRODUCT_COLS - 1) // PRODUCT_COLS
-    n_tiles = ((n_rows + PRODUCT_ROWS - 1) // PRODUCT_ROWS) * n_col_tiles
-    for tile in prange(n_tiles):
-        row_lo = (tile // n_col_tiles) * PRODUCT_ROWS
-        col_lo = (tile % n_col_tiles) * PRODUCT_COLS
-        _dot_rows(a, m_t, rows, row_lo, min(row_lo + PRODUCT_ROWS, n_rows), col_lo,
-                  min(col_lo + PRODUCT_COLS, n_cols), out, accumulate)
-
+assert UNITS_PER_TILE % block_columns(np.dtype(np.float32)) == 0, "tiles start on panel edges"
 
 @njit(inline="always")
 def _list_running(step, lengths, running):
@@ -149,13 +61,14 @@ def _tile_bounds(tile, n_row_tiles, n_unit_tiles, n_rows, hidden):
 
 
 @njit(parallel=True, cache=True)
-def forward_loop(gates, w_h_t, h_ring, c_ring, z, lengths, running, y, hidden_states,
+def forward_loop(gates, w_h_panels, h_ring, c_ring, z, lengths, running, y, hidden_states,
                  cell_states):
     """Run the recurrence of every direction over all steps.
 
     gates:         (D, T, B, 4H) in: ``x_t @ W_x + b`` by time; out: post-activation
                    gates at valid times (padding untouched)
-    w_h_t:         (D, 4H, H) the transpose of each direction's W_h, contiguous
+    w_h_panels:    (D, 4, ceil(H / W), H, W) each direction's W_h, gate by gate
+                   (columns g*H ...), packed by :func:`.gemm.pack_panels`
     h_ring, c_ring:(D, 2, B, H) slot 0 holds h0/c0 on entry; row b's final state
                    is in slot ``lengths[b] % 2`` on exit
     z:             (D, B, 4H) scratch for the recurrent products
@@ -180,8 +93,8 @@ def forward_loop(gates, w_h_t, h_ring, c_ring, z, lengths, running, y, hidden_st
             h_prev = h_ring[d, prev]
             c_prev = c_ring[d, prev]
             for gate in range(N_GATES):
-                _dot_rows(h_prev, w_h_t[d], running, row_lo, row_hi,
-                          gate * hidden + unit_lo, gate * hidden + unit_hi, z[d], False)
+                product_tile(h_prev, running, row_lo, row_hi, w_h_panels[d, gate], 0, hidden,
+                             unit_lo, unit_hi, z[d], gate * hidden, False)
             for n in range(row_lo, row_hi):
                 r = running[n]
                 t = step_time(step, lengths[r], d == 1)
@@ -205,13 +118,13 @@ def forward_loop(gates, w_h_t, h_ring, c_ring, z, lengths, running, y, hidden_st
 
 
 @njit(parallel=True, cache=True)
-def backward_loop(gates, cell_states, w_h, lengths, running, dy, dh_n, dc_carry, dz_ring,
-                  dh_step, dh0, d_gates):
+def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, dy, dh_n, dc_carry,
+                  dz_ring, dh_step, dh0, d_gates):
     """Backpropagate through time for every direction, last step first.
 
     gates:       (D, T, B, 4H) saved post-activation gates
     cell_states: (D, T, B, H) saved cell state entering each time
-    w_h:         (D, H, 4H)
+    w_h_t_panels:(D, ceil(H / W), 4H, W) each direction's W_h transposed, packed
     lengths:     (B,) int64; running: (B,) int64 scratch
     dy:          (T, B, D*H) upstream gradient of y, or (0, B, D*H) for none
     dh_n:        (D, B, H) reaches h at each row's last valid step
@@ -233,8 +146,9 @@ def backward_loop(gates, cell_states, w_h, lengths, running, dy, dh_n, dc_carry,
             d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_row_tiles, n_unit_tiles,
                                                                n_rows, hidden)
             if step + 1 < steps:
-                _dot_rows(dz_ring[(step + 1) % 2, d], w_h[d], running, row_lo, row_hi,
-                          unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], False)
+                product_tile(dz_ring[(step + 1) % 2, d], running, row_lo, row_hi,
+                             w_h_t_panels[d], 0, four_hidden, unit_lo, unit_hi,
+                             dh0[d] if step < 0 else dh_step[d], 0, False)
             if step < 0:
                 continue
             for n in range(row_lo, row_hi):
@@ -279,15 +193,18 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     rows = valid_rows(lengths, steps)
     for d in range(n_dirs):
         flat_gates = gates[d].reshape(steps * batch, -1)
-        matmul_nt(flat_x, np.ascontiguousarray(w_x[d].T), rows, flat_gates, False)
+        matmul(flat_x, packed(w_x[d]), rows, flat_gates, False)
         flat_gates[rows] += b[d]
     h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
     c_ring = np.empty_like(h_ring)
     h_ring[:, 0], c_ring[:, 0] = h0, c0
-    w_h_t = np.ascontiguousarray(w_h.transpose(0, 2, 1))
+    w_h_panels = np.empty((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype), x.dtype)
+    for d in range(n_dirs):
+        for gate in range(N_GATES):
+            pack_panels(w_h[d, :, gate * hidden:(gate + 1) * hidden], w_h_panels[d, gate])
     z = np.empty((n_dirs, batch, N_GATES * hidden), x.dtype)
     running = np.empty(batch, np.int64)
-    forward_loop(gates, w_h_t, h_ring, c_ring, z, lengths, running, y,
+    forward_loop(gates, w_h_panels, h_ring, c_ring, z, lengths, running, y,
                  hidden_states[:, :steps], cell_states[:, :steps])
     h_n = h_ring[:, lengths % 2, np.arange(batch)]
     c_n = c_ring[:, lengths % 2, np.arange(batch)]
@@ -331,7 +248,8 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     d_gates = np.zeros_like(gates)
     dc = dc_n.copy()
     dh0 = dh_n.copy()
-    backward_loop(gates, cell_states[:, :steps], w_h, lengths, np.empty(batch, np.int64), dy,
+    w_h_t_panels = np.stack([packed(w_h[d].T) for d in range(n_dirs)])
+    backward_loop(gates, cell_states[:, :steps], w_h_t_panels, lengths, np.empty(batch, np.int64), dy,
                   dh_n, dc, np.empty((2, n_dirs, batch, four_hidden), x.dtype),
                   np.empty_like(dh0), dh0, d_gates)
     rows = valid_rows(lengths, steps)
@@ -340,13 +258,14 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     dx = np.zeros((steps * batch, inputs), x.dtype)
     dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
     dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
+    all_rows = rows.size == steps * batch
     for d in range(n_dirs):
         dz = d_gates[d].reshape(steps * batch, four_hidden)
-        dz_t = np.ascontiguousarray(dz[rows].T)
-        matmul_nt(dz, np.ascontiguousarray(w_x[d]), rows, dx, d > 0)
-        matmul_nt(x_t, dz_t, np.arange(inputs), dw_x[d], False)
+        matmul(dz, packed(w_x[d].T), rows, dx, d > 0)
+        dz_panels = packed(dz if all_rows else dz[rows])
+        matmul(x_t, dz_panels, np.arange(inputs), dw_x[d], False)
         h_t = np.ascontiguousarray(
             hidden_states[d, :steps].reshape(steps * batch, hidden)[rows].T)
-        matmul_nt(h_t, dz_t, np.arange(hidden), dw_h[d], False)
+        matmul(h_t, dz_panels, np.arange(hidden), dw_h[d], False)
     db = d_gates.sum(axis=(1, 2))
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db

@@ -1,0 +1,382 @@
+"""Matrix products for the CPU drivers: a register-blocked SIMD micro-kernel.
+
+``out[r, :] (+)= a[r, :] @ b`` for a list of rows ``r``, written the way BLAS
+kernels are (BLIS's "micro-kernel" formulation): a block of
+:data:`BLOCK_ROWS` rows by :data:`BLOCK_VECTORS` SIMD vectors of columns
+accumulates in registers while ``k`` runs, each step broadcasting one element
+of ``a`` per row and loading one vector of ``b`` per column group, so each
+loaded value feeds several fused multiply-adds and nothing is reduced across
+lanes. The block is emitted as LLVM IR (a Numba ``@intrinsic``) because
+Numba's loop vectorizer only vectorizes innermost loops and would keep the
+accumulators in memory. The vector width follows the host CPU
+(AVX-512, AVX or SSE); LLVM lowers it on any target.
+
+Everything else (tiling, threads, the time loops) is ordinary Numba code in
+:mod:`.cpu`. Every output element is one register's lane, summed over ``k``
+in increasing order, so results do not depend on tiling or thread count.
+
+Layout contract (checked by the callers, not here): ``b`` and ``out`` are
+contiguous along their last axis; ``a`` may have any strides.
+"""
+from functools import partial
+
+import numpy as np
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: Rows of ``a`` (and ``out``) per register block: each is one broadcast per k.
+BLOCK_ROWS = 6
+#: SIMD vectors of columns per register block: each is one load of ``b`` per k.
+BLOCK_VECTORS = 2
+#: Independent accumulator chains that keep the FMA pipelines busy; blocks
+#: with fewer accumulators than this split ``k`` into interleaved partial sums.
+MIN_CHAINS = 8
+
+
+def _host_vector_bytes():
+    """Width of the host's widest SIMD registers, in bytes."""
+    features = llvm.get_host_cpu_features()
+    if features.get("avx512f"):
+        return 64
+    if features.get("avx"):
+        return 32
+    return 16
+
+
+#: Bytes per SIMD vector on this machine.
+VECTOR_BYTES = _host_vector_bytes()
+
+
+def block_columns(dtype):
+    """Columns one register block covers for ``dtype`` (a NumPy dtype)."""
+    return BLOCK_VECTORS * VECTOR_BYTES // dtype.itemsize
+
+
+_LLVM_TYPE_TAG = {32: "f32", 64: "f64"}
+
+
+class _Emitter:
+    """LLVM IR helpers for one register block of one float type."""
+
+    def __init__(self, context, builder, dtype):
+        self.builder = builder
+        self.element = context.get_value_type(dtype)
+        self.itemsize = dtype.bitwidth // 8
+        self.lanes = VECTOR_BYTES // self.itemsize
+        self.vector = ir.VectorType(self.element, self.lanes)
+        self.mask_type = ir.VectorType(ir.IntType(1), self.lanes)
+        self.i64 = ir.IntType(64)
+        self.i32 = ir.IntType(32)
+        self.byte_ptr = ir.IntType(8).as_pointer()
+        module = builder.module
+        tag = f"v{self.lanes}{_LLVM_TYPE_TAG[dtype.bitwidth]}"
+        vector_ptr = self.vector.as_pointer()
+        self.fmuladd = cgutils.get_or_insert_function(
+            module, ir.FunctionType(self.vector, [self.vector] * 3), f"llvm.fmuladd.{tag}")
+        self.masked_load = cgutils.get_or_insert_function(
+            module, ir.FunctionType(self.vector, [vector_ptr, self.i32, self.mask_type,
+                                                  self.vector]),
+            f"llvm.masked.load.{tag}.p0")
+        self.masked_store = cgutils.get_or_insert_function(
+            module, ir.FunctionType(ir.VoidType(), [self.vector, vector_ptr, self.i32,
+                                                    self.mask_type]),
+            f"llvm.masked.store.{tag}.p0")
+        self.zero = ir.Constant(self.vector, [ir.Constant(self.element, 0.0)] * self.lanes)
+
+    def offset(self, base, byte_offset, pointee):
+        """Pointer to ``pointee`` at ``base + byte_offset`` bytes."""
+        raw = self.builder.gep(self.builder.bitcast(base, self.byte_ptr), [byte_offset])
+        return self.builder.bitcast(raw, pointee.as_pointer())
+
+    def splat(self, scalar):
+        """A vector with ``scalar`` in every lane."""
+        undef = ir.Constant(self.vector, ir.Undefined)
+        one = self.builder.insert_element(undef, scalar, ir.Constant(self.i32, 0))
+        lanes_zero = ir.Constant(ir.VectorType(self.i32, self.lanes), [0] * self.lanes)
+        return self.builder.shuffle_vector(one, undef, lanes_zero)
+
+    def lane_mask(self, n_valid, first_lane):
+        """Mask of lanes whose column ``first_lane + lane`` is below ``n_valid``."""
+        lane_type = ir.VectorType(self.i64, self.lanes)
+        lane_index = ir.Constant(lane_type, [first_lane + lane for lane in range(self.lanes)])
+        limit = self.builder.insert_element(ir.Constant(lane_type, ir.Undefined), n_valid,
+                                            ir.Constant(self.i32, 0))
+        limit = self.builder.shuffle_vector(
+            limit, ir.Constant(lane_type, ir.Undefined),
+            ir.Constant(ir.VectorType(self.i32, self.lanes), [0] * self.lanes))
+        return self.builder.icmp_signed("<", lane_index, limit)
+
+    def load_vector(self, pointer, mask):
+        """Load a vector, only the lanes in ``mask`` when it is given."""
+        if mask is None:
+            return self.builder.load(pointer, align=self.itemsize)
+        return self.builder.call(self.masked_load, [pointer, ir.Constant(self.i32, self.itemsize),
+                                                    mask, self.zero])
+
+    def store_vector(self, value, pointer, mask):
+        """Store a vector, only the lanes in ``mask`` when it is given."""
+        if mask is None:
+            self.builder.store(value, pointer, align=self.itemsize)
+        else:
+            self.builder.call(self.masked_store, [value, pointer,
+                                                  ir.Constant(self.i32, self.itemsize), mask])
+
+
+def _array_parts(context, builder, array_type, value):
+    """(data pointer, byte strides) of a Numba array value."""
+    array = context.make_array(array_type)(context, builder, value)
+    return array.data, cgutils.unpack_tuple(builder, array.strides, array_type.ndim)
+
+
+def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, masks, n_sets):
+    """The loop over k; returns the accumulators, [row][vector].
+
+    a_rows: pointers to ``a[r, 0]`` of each row; b_start: pointer to
+    ``b[0, col]``. ``n_sets`` interleaved sets of accumulators take k, k+1, ...
+    in turn (each in increasing k) and are added in set order at the end, so
+    blocks of few rows still have enough independent FMA chains.
+    """
+    builder = emit.builder
+    n_vectors = len(masks)
+    vector_bytes = emit.lanes * emit.itemsize
+
+    def update(accumulators, k_index):
+        b_row = emit.offset(b_start, builder.mul(k_index, b_k_stride), emit.element)
+        b_vectors = [emit.load_vector(emit.offset(b_row, ir.Constant(emit.i64, v * vector_bytes),
+                                                  emit.vector), masks[v])
+                     for v in range(n_vectors)]
+        updated = []
+        for row_pointer, row_accumulators in zip(a_rows, accumulators):
+            a_value = builder.load(emit.offset(row_pointer, builder.mul(k_index, a_k_stride),
+                                               emit.element))
+            broadcast = emit.splat(a_value)
+            updated.append([builder.call(emit.fmuladd, [broadcast, b_vector, accumulator])
+                            for b_vector, accumulator in zip(b_vectors, row_accumulators)])
+        return updated
+
+    def phis(incoming, block):
+        return [[_phi(builder, emit.vector, value, block) for value in row] for row in incoming]
+
+    entry = builder.block
+    header = builder.append_basic_block("k_loop")
+    body = builder.append_basic_block("k_body")
+    tail = builder.append_basic_block("k_tail")
+    builder.branch(header)
+    builder.position_at_end(header)
+    k = _phi(builder, emit.i64, k_lo, entry)
+    zeros = [[emit.zero] * n_vectors for _ in a_rows]
+    sets = [phis(zeros, entry) for _ in range(n_sets)]
+    step = ir.Constant(emit.i64, n_sets)
+    builder.cbranch(builder.icmp_signed("<=", builder.add(k, step), k_hi), body, tail)
+
+    builder.position_at_end(body)
+    updated_sets = [update(accumulators, builder.add(k, ir.Constant(emit.i64, s)))
+                    for s, accumulators in enumerate(sets)]
+    k.add_incoming(builder.add(k, step), builder.block)
+    for accumulators, updated in zip(sets, updated_sets):
+        for row, updated_row in zip(accumulators, updated):
+            for phi, value in zip(row, updated_row):
+                phi.add_incoming(value, builder.block)
+    builder.branch(header)
+
+    # Fewer than n_sets values of k remain: set s takes k + s where it exists.
+    builder.position_at_end(tail)
+    total = None
+    for s, accumulators in enumerate(sets):
+        k_index = builder.add(k, ir.Constant(emit.i64, s))
+        before = builder.block
+        with builder.if_then(builder.icmp_signed("<", k_index, k_hi)):
+            updated = update(accumulators, k_index)
+            updated_block = builder.block
+        merged = phis(accumulators, before)
+        for row, updated_row in zip(merged, updated):
+            for phi, value in zip(row, updated_row):
+                phi.add_incoming(value, updated_block)
+        total = merged if total is None else [
+            [builder.fadd(sum_, part) for sum_, part in zip(total_row, part_row)]
+            for total_row, part_row in zip(total, merged)]
+    return total
+
+
+def _phi(builder, llvm_type, value, block):
+    """A phi node at the builder's position with one incoming (value, block)."""
+    phi = builder.phi(llvm_type)
+    phi.add_incoming(value, block)
+    return phi
+
+
+def _emit_block(n_rows, context, builder, signature, args):
+    """IR of one register block (see :func:`_make_block`)."""
+    a_type, rows_type, _, b_type, _, _, _, _, out_type, _ = signature.args
+    a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate = [
+        context.cast(builder, value, value_type, types.int64)
+        if isinstance(value_type, types.Integer) else value
+        for value, value_type in zip(args, signature.args)]
+    accumulate = context.cast(builder, args[9], signature.args[9], types.boolean)
+    emit = _Emitter(context, builder, a_type.dtype)
+    i64 = emit.i64
+    itemsize = ir.Constant(i64, emit.itemsize)
+    a_data, (a_row_stride, a_k_stride) = _array_parts(context, builder, a_type, a)
+    rows_data, (rows_stride,) = _array_parts(context, builder, rows_type, rows)
+    b_data, (b_k_stride, _) = _array_parts(context, builder, b_type, b)
+    out_data, (out_row_stride, _) = _array_parts(context, builder, out_type, out)
+    row_type = context.get_value_type(rows_type.dtype)
+    row_indices = [context.cast(builder, builder.load(emit.offset(
+        rows_data, builder.mul(builder.add(first, ir.Constant(i64, i)), rows_stride), row_type)),
+        rows_type.dtype, types.int64) for i in range(n_rows)]
+    a_rows = [emit.offset(a_data, builder.mul(row, a_row_stride), emit.element)
+              for row in row_indices]
+    col_bytes = builder.mul(col, itemsize)
+    out_rows = [emit.offset(out_data, builder.add(builder.mul(row, out_row_stride), col_bytes),
+                            emit.element) for row in row_indices]
+    b_start = b_data
+    n_sets = max(1, MIN_CHAINS // (n_rows * BLOCK_VECTORS))
+    full = builder.icmp_signed("==", n_cols,
+                               ir.Constant(i64, BLOCK_VECTORS * emit.lanes))
+    with builder.if_else(full) as (full_block, partial_block):
+        for masks, branch in (([None] * BLOCK_VECTORS, full_block),
+                              (None, partial_block)):
+            with branch:
+                if masks is None:
+                    masks = [emit.lane_mask(n_cols, v * emit.lanes)
+                             for v in range(BLOCK_VECTORS)]
+                sums = _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi,
+                                    masks, n_sets)
+                _emit_store(emit, sums, out_rows, masks, accumulate)
+    return context.get_dummy_value()
+
+
+def _emit_store(emit, sums, out_rows, masks, accumulate):
+    """``out (+)= sums`` for each row and vector, masked where a mask is given."""
+    builder = emit.builder
+    vector_bytes = emit.lanes * emit.itemsize
+    for row_pointer, row_sums in zip(out_rows, sums):
+        for v, (value, mask) in enumerate(zip(row_sums, masks)):
+            pointer = emit.offset(row_pointer, ir.Constant(emit.i64, v * vector_bytes),
+                                  emit.vector)
+            previous = emit.load_vector(pointer, mask)
+            value = builder.select(accumulate, builder.fadd(value, previous), value)
+            emit.store_vector(value, pointer, mask)
+
+
+def _make_block(n_rows):
+    """An intrinsic computing one register block of ``n_rows`` rows.
+
+    ``block(a, rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)``:
+    for r in ``rows[first:first + n_rows]`` and j < n_cols,
+    ``out[r, col + j] (+)= sum(a[r, k] * panel[k, j] for k in range(k_lo, k_hi))``.
+    a: (R, K) float; rows: (M,) int; panel: (K, W) float, W = block_columns;
+    out: (R, N) float; n_cols <= W.
+    """
+    @intrinsic
+    def block(typingctx, a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate):
+        arrays = (a, b, out)
+        if not all(isinstance(array, types.Array) and array.ndim == 2
+                   and array.dtype == a.dtype for array in arrays):
+            return None
+        if not isinstance(a.dtype, types.Float) or not isinstance(rows, types.Array):
+            return None
+        signature = types.void(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        return signature, partial(_emit_block, n_rows)
+    return block
+
+
+_block_1, _block_2, _block_3, _block_4, _block_5, _block_6 = (
+    _make_block(n_rows) for n_rows in range(1, BLOCK_ROWS + 1))
+assert BLOCK_ROWS == 6, "the dispatch in register_block covers six block heights"
+
+
+@njit(inline="always")
+def register_block(count, a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate):
+    """One block of ``count`` (1..BLOCK_ROWS) rows: see :func:`_make_block`."""
+    if count == 6:
+        _block_6(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+    elif count == 5:
+        _block_5(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+    elif count == 4:
+        _block_4(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+    elif count == 3:
+        _block_3(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+    elif count == 2:
+        _block_2(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+    else:
+        _block_1(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+
+
+@njit(inline="always")
+def product_tile(a, rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out, out_col,
+                 accumulate):
+    """``out[r, out_col + j] (+)= a[r, k_lo:k_hi] @ b[k_lo:k_hi, j]`` for j in [col_lo, col_hi).
+
+    For r in ``rows[row_lo:row_hi]``. a: (R, K); rows: (M,) int64; panels:
+    (ceil(N / W), K, W), the matrix b (K, N) as packed by :func:`pack_panels`;
+    out: (R, N'), rows contiguous. col_lo must be a multiple of W.
+    """
+    width = panels.shape[2]
+    for col in range(col_lo, col_hi, width):
+        n_cols = min(width, col_hi - col)
+        panel = panels[col // width]
+        for first in range(row_lo, row_hi, BLOCK_ROWS):
+            register_block(min(BLOCK_ROWS, row_hi - first), a, rows, first, panel, k_lo, k_hi,
+                           out_col + col, n_cols, out, accumulate)
+
+
+def panel_shape(b_shape, dtype):
+    """Shape of the packed form of a (K, N) matrix of ``dtype``: (ceil(N / W), K, W)."""
+    depth, n_cols = b_shape
+    width = block_columns(np.dtype(dtype))
+    return ((n_cols + width - 1) // width, depth, width)
+
+
+@njit(parallel=True, cache=True)
+def pack_panels(b, panels):
+    """Copy b (K, N) into panels (ceil(N / W), K, W): column block j of b is
+    ``panels[j]``, each row of it contiguous; columns past N are zero."""
+    n_panels, depth, width = panels.shape
+    n_cols = b.shape[1]
+    for index in prange(n_panels * depth):
+        block, k = index // depth, index % depth
+        col = block * width
+        for j in range(width):
+            panels[block, k, j] = b[k, col + j] if col + j < n_cols else 0
+
+
+def packed(b):
+    """b (K, N) packed into panels: see :func:`pack_panels`."""
+    panels = np.empty(panel_shape(b.shape, b.dtype), b.dtype)
+    pack_panels(b, panels)
+    return panels
+
+
+#: Tile of the parallel product, in rows of ``out`` by columns; each tile is
+#: one task, and its slice of ``a`` stays in the core's cache while the
+#: columns run.
+TILE_ROWS = 96
+TILE_COLS = 256
+#: Depth of one pass over a tile: the (depth x block columns) panel of ``b``
+#: stays in L1 while the tile's row blocks use it.
+TILE_DEPTH = 256
+
+
+@njit(parallel=True, cache=True)
+def matmul(a, panels, rows, out, accumulate):
+    """``out[r] (+)= a[r] @ b`` for r in ``rows``, in parallel tiles.
+
+    a: (R, K); panels: b (K, N) packed by :func:`packed`; rows: (M,) int64;
+    out: (R, N), rows contiguous, other rows untouched. Each element sums over
+    k in increasing order, whatever the tiling or thread count.
+    """
+    n_rows, n_cols, depth = rows.shape[0], out.shape[1], a.shape[1]
+    n_col_tiles = (n_cols + TILE_COLS - 1) // TILE_COLS
+    n_tiles = ((n_rows + TILE_ROWS - 1) // TILE_ROWS) * n_col_tiles
+    for tile in prange(n_tiles):
+        row_lo = (tile // n_col_tiles) * TILE_ROWS
+        col_lo = (tile % n_col_tiles) * TILE_COLS
+        row_hi, col_hi = min(row_lo + TILE_ROWS, n_rows), min(col_lo + TILE_COLS, n_cols)
+        for k_lo in range(0, max(depth, 1), TILE_DEPTH):
+            product_tile(a, rows, row_lo, row_hi, panels, k_lo, min(k_lo + TILE_DEPTH, depth),
+                         col_lo, col_hi, out, 0, accumulate or k_lo > 0)
