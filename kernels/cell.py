@@ -7,12 +7,63 @@ a ``@cuda.jit`` kernel calls it. Constants are typed to the argument
 
 Gate order along the 4H axis is ``i, f, g, o``.
 """
-import math
-
+import numpy as np
 from numba import njit
 
 #: Number of gates stacked along the 4H axis, in the order i, f, g, o.
 N_GATES = 4
+
+
+#: exp(x) is 0 below this (exp(-708) ~ 3e-308 is near the smallest normal
+#: float64; float32 underflows earlier), so 2**-n needs EXP_FLOOR_BITS bits.
+EXP_FLOOR = -708.0
+#: Powers of two that 2**-n is built from: n < 2**EXP_FLOOR_BITS covers EXP_FLOOR.
+EXP_FLOOR_BITS = 10
+LOG2_E = 1.4426950408889634
+#: ln 2 split in two (Cody and Waite): n * LN2_HIGH is exact in float64, and in
+#: float32 wherever exp(x) is a normal number; LN2_LOW carries the rest.
+LN2_HIGH = 0.693145751953125
+LN2_LOW = 1.4286068203094172e-06
+#: Taylor terms of exp(r) - 1 on |r| <= ln(2) / 2: the truncation error is
+#: below float64 rounding (r**13 / 13! < 2e-16).
+EXPM1_TERMS = 12
+
+
+@njit(inline="always")
+def _exp_parts(x):
+    """``(q, scale)`` with ``exp(x) = (1 + q) * scale``, for x <= 0.
+
+    Range reduction x = r - n ln 2 with |r| <= ln(2) / 2, q = exp(r) - 1 by
+    its Taylor series (no cancellation near 0), scale = 2**-n built by
+    multiplying exact powers of two (0 below EXP_FLOOR, so exp(-inf) = 0).
+    Only arithmetic, comparisons and one float-to-int conversion: no library
+    call and no branch, so a loop over units vectorizes on the CPU (under
+    ``error_model="numpy"``, which lets divisions go unchecked), and the same
+    code compiles for CUDA. Accurate to a few units in the last place.
+    """
+    one = type(x)(1)
+    half = type(x)(0.5)
+    below_floor = x < type(x)(EXP_FLOOR)
+    x = type(x)(EXP_FLOOR) if below_floor else x
+    n = np.int32(half - x * type(x)(LOG2_E))
+    n_float = type(x)(n)
+    r = (x + n_float * type(x)(LN2_HIGH)) + n_float * type(x)(LN2_LOW)
+    q = r * (one / type(x)(EXPM1_TERMS))
+    for term in range(EXPM1_TERMS - 1, 0, -1):
+        q = r * (one / type(x)(term)) * (one + q)
+    scale = one
+    power = half
+    for bit in range(EXP_FLOOR_BITS):
+        scale *= power if (n >> bit) & 1 else one
+        power *= power
+    return q, type(x)(0) if below_floor else scale
+
+
+@njit(inline="always")
+def exp_nonpositive(x):
+    """``exp(x)`` for x <= 0 (and NaN), vectorizable; see :func:`_exp_parts`."""
+    q, scale = _exp_parts(x)
+    return (type(x)(1) + q) * scale
 
 
 @njit(inline="always")
@@ -22,9 +73,21 @@ def sigmoid(z):
     ``exp`` only ever sees ``-|z|``, so it cannot overflow.
     """
     one = type(z)(1)
-    e = math.exp(-abs(z))
+    e = exp_nonpositive(-abs(z))
     s = one / (one + e)
     return s if z >= type(z)(0) else e * s
+
+
+@njit(inline="always")
+def tanh(z):
+    """Hyperbolic tangent, accurate near 0, saturating cleanly, NaN-propagating.
+
+    tanh|z| = -m / (2 + m) with m = expm1(-2|z|), sign restored.
+    """
+    q, scale = _exp_parts(type(z)(-2) * abs(z))
+    expm1 = q * scale + (scale - type(z)(1))
+    magnitude = -expm1 / (type(z)(2) + expm1)
+    return magnitude if z >= type(z)(0) else -magnitude
 
 
 @njit(inline="always")
@@ -46,10 +109,10 @@ def cell_forward(z_i, z_f, z_g, z_o, c_prev):
     """
     i = sigmoid(z_i)
     f = sigmoid(z_f)
-    g = math.tanh(z_g)
+    g = tanh(z_g)
     o = sigmoid(z_o)
     c = f * c_prev + i * g
-    h = o * math.tanh(c)
+    h = o * tanh(c)
     return i, f, g, o, c, h
 
 
@@ -66,7 +129,7 @@ def cell_backward(i, f, g, o, c_prev, dh, dc_next):
     pre-activations and of ``c_{t-1}``.
     """
     one = type(c_prev)(1)
-    tanh_c = math.tanh(f * c_prev + i * g)
+    tanh_c = tanh(f * c_prev + i * g)
     dc = dc_next + dh * o * (one - tanh_c * tanh_c)
     dz_i = dc * g * i * (one - i)
     dz_f = dc * c_prev * f * (one - f)

@@ -35,15 +35,30 @@ from .gemm import block_columns, matmul, pack_panels, packed, panel_shape, produ
 UNITS_PER_TILE = 32
 #: Batch rows per tile.
 ROWS_PER_TILE = 16
+#: Divisions in the cell math go unchecked (IEEE results instead of a
+#: ZeroDivisionError branch), which is what lets the loop over units vectorize.
+CELL_ERROR_MODEL = "numpy"
 assert UNITS_PER_TILE % block_columns(np.dtype(np.float32)) == 0, "tiles start on panel edges"
 
 @njit(inline="always")
-def _list_running(step, lengths, running):
-    """Write the rows with ``step < lengths[row]`` into ``running``; return their count."""
+def _list_running(step, lengths, batch, running, gate_rows, next_rows):
+    """List the rows with ``step < lengths[row]``; return their count.
+
+    For the n-th of them: ``running[n]`` is its batch row, ``gate_rows[d, n]``
+    its row ``t * B + b`` in the (T * B, ...) per-direction arrays at this step
+    (time ``step_time``), and ``next_rows[d, n]`` the same at ``step + 1``, or,
+    where the row ends at this step, the padding row at time ``step + 1`` (all
+    zero and untouched: backward reads it and discards the result).
+    """
     count = 0
     for row in range(lengths.shape[0]):
-        if step < lengths[row]:
+        length = lengths[row]
+        if step < length:
             running[count] = row
+            for d in range(gate_rows.shape[0]):
+                gate_rows[d, count] = step_time(step, length, d == 1) * batch + row
+                next_time = step_time(step + 1, length, d == 1) if step + 1 < length else step + 1
+                next_rows[d, count] = next_time * batch + row
             count += 1
     return count
 
@@ -60,116 +75,191 @@ def _tile_bounds(tile, n_row_tiles, n_unit_tiles, n_rows, hidden):
             unit_lo, min(unit_lo + UNITS_PER_TILE, hidden))
 
 
-@njit(parallel=True, cache=True)
-def forward_loop(gates, w_h_panels, h_ring, c_ring, z, lengths, running, y, hidden_states,
-                 cell_states):
+# The cell math of a tile runs on a per-tile scratch row, one segment of
+# UNITS_PER_TILE values per quantity at a constant offset. LLVM can then prove
+# the loop over units free of cross-iteration dependences and vectorize it;
+# on the arrays themselves the gates sit H apart, H unknown at compile time.
+_PRE, _C_PREV, _DH, _DC = 0, N_GATES, N_GATES + 1, N_GATES + 2
+#: Segments of a scratch row: 4 gates, c_{t-1} (then c_t), h_t or dh, dc.
+SCRATCH_SEGMENTS = N_GATES + 3
+
+
+@njit(inline="always")
+def _load_gates(scratch, gates, hidden, unit_lo, unit_hi):
+    """Copy units [unit_lo, unit_hi) of each gate of a (4H,) row into the scratch."""
+    n_units = unit_hi - unit_lo
+    for gate in range(N_GATES):
+        scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units] = \
+            gates[gate * hidden + unit_lo:gate * hidden + unit_hi]
+
+
+@njit(inline="always")
+def _store_gates(scratch, gates, hidden, unit_lo, unit_hi):
+    """The inverse of :func:`_load_gates`."""
+    n_units = unit_hi - unit_lo
+    for gate in range(N_GATES):
+        gates[gate * hidden + unit_lo:gate * hidden + unit_hi] = \
+            scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units]
+
+
+@njit(inline="always")
+def _segment(scratch, index, n_units):
+    """Segment ``index`` of a scratch row, its first ``n_units`` values."""
+    return scratch[index * UNITS_PER_TILE:index * UNITS_PER_TILE + n_units]
+
+
+@njit(inline="always")
+def _forward_units(scratch, n_units):
+    """The cell on a scratch row: pre-activations and c_{t-1} in; gates, c_t, h_t out.
+
+    In: segments 0-3 the gate pre-activations, segment 4 c_{t-1}. Out: 0-3
+    the post-activation gates, 4 c_t, 5 h_t.
+    """
+    u = UNITS_PER_TILE
+    for j in range(n_units):
+        i, f, g, o, c, h = cell_forward(scratch[j], scratch[u + j], scratch[2 * u + j],
+                                        scratch[3 * u + j], scratch[_C_PREV * u + j])
+        scratch[j] = i
+        scratch[u + j] = f
+        scratch[2 * u + j] = g
+        scratch[3 * u + j] = o
+        scratch[_C_PREV * u + j] = c
+        scratch[_DH * u + j] = h
+
+
+@njit(inline="always")
+def _backward_units(scratch, n_units):
+    """Backward through the cell on a scratch row.
+
+    In: segments 0-3 the saved gates, 4 c_{t-1}, 5 dh (total gradient
+    reaching h_t), 6 the gradient reaching c_t. Out: 0-3 the gate gradients,
+    6 the gradient reaching c_{t-1}.
+    """
+    u = UNITS_PER_TILE
+    for j in range(n_units):
+        dz_i, dz_f, dz_g, dz_o, dc_prev = cell_backward(
+            scratch[j], scratch[u + j], scratch[2 * u + j], scratch[3 * u + j],
+            scratch[_C_PREV * u + j], scratch[_DH * u + j], scratch[_DC * u + j])
+        scratch[j] = dz_i
+        scratch[u + j] = dz_f
+        scratch[2 * u + j] = dz_g
+        scratch[3 * u + j] = dz_o
+        scratch[_DC * u + j] = dc_prev
+
+
+def _scratch(n_dirs, batch, hidden, dtype):
+    """One scratch row per tile of a step: (D * row tiles * unit tiles, SCRATCH_SEGMENTS * U)."""
+    n_tiles = (n_dirs * -(-batch // ROWS_PER_TILE) * -(-hidden // UNITS_PER_TILE))
+    return np.empty((n_tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE), dtype)
+
+
+@njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL)
+def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows, next_rows,
+                 scratch, y, hidden_states, cell_states):
     """Run the recurrence of every direction over all steps.
 
-    gates:         (D, T, B, 4H) in: ``x_t @ W_x + b`` by time; out: post-activation
-                   gates at valid times (padding untouched)
+    gates:         (D, T * B, 4H) in: ``x_t @ W_x + b`` at row ``t * B + b``;
+                   out: post-activation gates at valid times (padding untouched)
     w_h_panels:    (D, 4, ceil(H / W), H, W) each direction's W_h, gate by gate
                    (columns g*H ...), packed by :func:`.gemm.pack_panels`
     h_ring, c_ring:(D, 2, B, H) slot 0 holds h0/c0 on entry; row b's final state
                    is in slot ``lengths[b] % 2`` on exit
-    z:             (D, B, 4H) scratch for the recurrent products
     lengths:       (B,) int64, 0 <= lengths[b] <= T
-    running:       (B,) int64 scratch
+    running:       (B,) int64 scratch; gate_rows, next_rows: (D, B) int64 scratch
+    scratch:       (tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
     y:             (T, B, D*H) out at valid times (direction d in columns d*H..)
     hidden_states, cell_states: (D, T, B, H) out: the state entering each valid
                    time; or (D, 0, B, H) to save nothing (inference)
     Direction 1, when present, runs in reverse.
     """
-    n_dirs, steps, batch, four_hidden = gates.shape
-    hidden = four_hidden // N_GATES
+    n_dirs, _, four_hidden = gates.shape
+    batch, hidden = h_ring.shape[2], h_ring.shape[3]
+    steps = y.shape[0]
     save = hidden_states.shape[1] > 0
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
     for step in range(steps):
-        n_rows = _list_running(step, lengths, running)
+        n_rows = _list_running(step, lengths, batch, running, gate_rows, next_rows)
         n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
         prev = step % 2
         for tile in prange(n_dirs * n_row_tiles * n_unit_tiles):
             d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_row_tiles, n_unit_tiles,
                                                                n_rows, hidden)
             h_prev = h_ring[d, prev]
-            c_prev = c_ring[d, prev]
             for gate in range(N_GATES):
-                product_tile(h_prev, running, row_lo, row_hi, w_h_panels[d, gate], 0, hidden,
-                             unit_lo, unit_hi, z[d], gate * hidden, False)
+                product_tile(h_prev, running, gate_rows[d], row_lo, row_hi, w_h_panels[d, gate],
+                             0, hidden, unit_lo, unit_hi, gates[d], gate * hidden, True)
+            row_scratch = scratch[tile]
+            n_units = unit_hi - unit_lo
             for n in range(row_lo, row_hi):
-                r = running[n]
-                t = step_time(step, lengths[r], d == 1)
-                g_t = gates[d, t, r]
-                z_r = z[d, r]
-                for u in range(unit_lo, unit_hi):
-                    i, f, g, o, c, h = cell_forward(
-                        g_t[u] + z_r[u], g_t[hidden + u] + z_r[hidden + u],
-                        g_t[2 * hidden + u] + z_r[2 * hidden + u],
-                        g_t[3 * hidden + u] + z_r[3 * hidden + u], c_prev[r, u])
-                    if save:
-                        hidden_states[d, t, r, u] = h_prev[r, u]
-                        cell_states[d, t, r, u] = c_prev[r, u]
-                    g_t[u] = i
-                    g_t[hidden + u] = f
-                    g_t[2 * hidden + u] = g
-                    g_t[3 * hidden + u] = o
-                    c_ring[d, 1 - prev, r, u] = c
-                    h_ring[d, 1 - prev, r, u] = h
-                    y[t, r, d * hidden + u] = h
+                r, gate_row = running[n], gate_rows[d, n]
+                t = gate_row // batch
+                _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                _segment(row_scratch, _C_PREV, n_units)[:] = c_ring[d, prev, r, unit_lo:unit_hi]
+                _forward_units(row_scratch, n_units)
+                _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                c_ring[d, 1 - prev, r, unit_lo:unit_hi] = _segment(row_scratch, _C_PREV, n_units)
+                h_t = _segment(row_scratch, _DH, n_units)
+                h_ring[d, 1 - prev, r, unit_lo:unit_hi] = h_t
+                y[t, r, d * hidden + unit_lo:d * hidden + unit_hi] = h_t
+                if save:
+                    hidden_states[d, t, r, unit_lo:unit_hi] = h_prev[r, unit_lo:unit_hi]
+                    cell_states[d, t, r, unit_lo:unit_hi] = c_ring[d, prev, r, unit_lo:unit_hi]
 
 
-@njit(parallel=True, cache=True)
-def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, dy, dh_n, dc_carry,
-                  dz_ring, dh_step, dh0, d_gates):
+@njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL)
+def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows, next_rows,
+                  scratch, dy, dh_n, dc_carry, dh_step, dh0, d_gates):
     """Backpropagate through time for every direction, last step first.
 
-    gates:       (D, T, B, 4H) saved post-activation gates
+    gates:       (D, T * B, 4H) saved post-activation gates, row ``t * B + b``
     cell_states: (D, T, B, H) saved cell state entering each time
     w_h_t_panels:(D, ceil(H / W), 4H, W) each direction's W_h transposed, packed
-    lengths:     (B,) int64; running: (B,) int64 scratch
+    lengths:     (B,) int64; running: (B,) int64 scratch;
+    gate_rows, next_rows: (D, B) int64 scratch
+    scratch:     (tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
     dy:          (T, B, D*H) upstream gradient of y, or (0, B, D*H) for none
     dh_n:        (D, B, H) reaches h at each row's last valid step
     dc_carry:    (D, B, H) in: dc_n; out: dc0
-    dz_ring:     (2, D, B, 4H) scratch: each row's gate gradients of the last two steps
-    dh_step:     (D, B, H) scratch: gradient reaching h from the step after
+    dh_step:     (D, B, H) scratch: gradient reaching h at the current step
     dh0:         (D, B, H) in: dh_n (kept for rows of length 0); out: dh0
-    d_gates:     (D, T, B, 4H) out at valid times (zero it first for padding)
+    d_gates:     (D, T * B, 4H) out at valid times; zero on entry (padding stays so)
     """
-    n_dirs, steps, batch, four_hidden = gates.shape
-    hidden = four_hidden // N_GATES
+    n_dirs, _, four_hidden = gates.shape
+    batch, hidden = dh_n.shape[1], dh_n.shape[2]
+    steps = cell_states.shape[1]
     has_dy = dy.shape[0] > 0
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
     for step in range(steps - 1, -2, -1):
         # Step -1 only turns the gate gradients of step 0 into dh0.
-        n_rows = _list_running(max(step, 0), lengths, running)
+        n_rows = _list_running(max(step, 0), lengths, batch, running, gate_rows, next_rows)
         n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
         for tile in prange(n_dirs * n_row_tiles * n_unit_tiles):
             d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_row_tiles, n_unit_tiles,
                                                                n_rows, hidden)
             if step + 1 < steps:
-                product_tile(dz_ring[(step + 1) % 2, d], running, row_lo, row_hi,
-                             w_h_t_panels[d], 0, four_hidden, unit_lo, unit_hi,
+                product_tile(d_gates[d], gate_rows[d] if step < 0 else next_rows[d], running,
+                             row_lo, row_hi, w_h_t_panels[d], 0, four_hidden, unit_lo, unit_hi,
                              dh0[d] if step < 0 else dh_step[d], 0, False)
             if step < 0:
                 continue
+            row_scratch = scratch[tile]
+            n_units = unit_hi - unit_lo
+            dh = _segment(row_scratch, _DH, n_units)
             for n in range(row_lo, row_hi):
-                r = running[n]
-                dh_in = dh_step[d, r] if step + 1 < lengths[r] else dh_n[d, r]
-                t = step_time(step, lengths[r], d == 1)
-                g_t = gates[d, t, r]
-                dz_t = d_gates[d, t, r]
-                dz_r = dz_ring[step % 2, d, r]
-                for u in range(unit_lo, unit_hi):
-                    dh = dh_in[u]
-                    if has_dy:
-                        dh += dy[t, r, d * hidden + u]
-                    dz_i, dz_f, dz_g, dz_o, dc_prev = cell_backward(
-                        g_t[u], g_t[hidden + u], g_t[2 * hidden + u], g_t[3 * hidden + u],
-                        cell_states[d, t, r, u], dh, dc_carry[d, r, u])
-                    dz_t[u] = dz_r[u] = dz_i
-                    dz_t[hidden + u] = dz_r[hidden + u] = dz_f
-                    dz_t[2 * hidden + u] = dz_r[2 * hidden + u] = dz_g
-                    dz_t[3 * hidden + u] = dz_r[3 * hidden + u] = dz_o
-                    dc_carry[d, r, u] = dc_prev
+                r, gate_row = running[n], gate_rows[d, n]
+                t = gate_row // batch
+                if step + 1 < lengths[r]:
+                    dh[:] = dh_step[d, r, unit_lo:unit_hi]
+                else:
+                    dh[:] = dh_n[d, r, unit_lo:unit_hi]
+                if has_dy:
+                    dh += dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi]
+                _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                _segment(row_scratch, _C_PREV, n_units)[:] = cell_states[d, t, r, unit_lo:unit_hi]
+                _segment(row_scratch, _DC, n_units)[:] = dc_carry[d, r, unit_lo:unit_hi]
+                _backward_units(row_scratch, n_units)
+                _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
+                dc_carry[d, r, unit_lo:unit_hi] = _segment(row_scratch, _DC, n_units)
 
 
 def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
@@ -190,11 +280,11 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     else:
         gates, hidden_states, cell_states = saved
     flat_x = x.reshape(steps * batch, inputs)
+    flat_gates = gates.reshape(n_dirs, steps * batch, -1)
     rows = valid_rows(lengths, steps)
     for d in range(n_dirs):
-        flat_gates = gates[d].reshape(steps * batch, -1)
-        matmul(flat_x, packed(w_x[d]), rows, flat_gates, False)
-        flat_gates[rows] += b[d]
+        matmul(flat_x, packed(w_x[d]), rows, flat_gates[d], False)
+        flat_gates[d, rows] += b[d]
     h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
     c_ring = np.empty_like(h_ring)
     h_ring[:, 0], c_ring[:, 0] = h0, c0
@@ -202,16 +292,21 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     for d in range(n_dirs):
         for gate in range(N_GATES):
             pack_panels(w_h[d, :, gate * hidden:(gate + 1) * hidden], w_h_panels[d, gate])
-    z = np.empty((n_dirs, batch, N_GATES * hidden), x.dtype)
-    running = np.empty(batch, np.int64)
-    forward_loop(gates, w_h_panels, h_ring, c_ring, z, lengths, running, y,
-                 hidden_states[:, :steps], cell_states[:, :steps])
+    forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *_row_lists(n_dirs, batch),
+                 _scratch(n_dirs, batch, hidden, x.dtype), y, hidden_states[:, :steps],
+                 cell_states[:, :steps])
     h_n = h_ring[:, lengths % 2, np.arange(batch)]
     c_n = c_ring[:, lengths % 2, np.arange(batch)]
     if saved is not None:
         _clear_padding(gates, hidden_states, cell_states, lengths)
         hidden_states[:, steps], cell_states[:, steps] = h_n, c_n
     return h_n, c_n
+
+
+def _row_lists(n_dirs, batch):
+    """Scratch for :func:`_list_running`: running (B,), gate_rows and next_rows (D, B)."""
+    return (np.empty(batch, np.int64), np.empty((n_dirs, batch), np.int64),
+            np.empty((n_dirs, batch), np.int64))
 
 
 def valid_rows(lengths, steps):
@@ -249,9 +344,11 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     dc = dc_n.copy()
     dh0 = dh_n.copy()
     w_h_t_panels = np.stack([packed(w_h[d].T) for d in range(n_dirs)])
-    backward_loop(gates, cell_states[:, :steps], w_h_t_panels, lengths, np.empty(batch, np.int64), dy,
-                  dh_n, dc, np.empty((2, n_dirs, batch, four_hidden), x.dtype),
-                  np.empty_like(dh0), dh0, d_gates)
+    flat_shape = (n_dirs, steps * batch, four_hidden)
+    backward_loop(gates.reshape(flat_shape), cell_states[:, :steps], w_h_t_panels, lengths,
+                  *_row_lists(n_dirs, batch), _scratch(n_dirs, batch, hidden, x.dtype), dy, dh_n,
+                  dc, np.empty_like(dh0), dh0,
+                  d_gates.reshape(flat_shape))
     rows = valid_rows(lengths, steps)
     # The weight gradients sum over the valid (time, row) pairs only.
     x_t = np.ascontiguousarray(x.reshape(steps * batch, inputs)[rows].T)

@@ -211,28 +211,31 @@ def _phi(builder, llvm_type, value, block):
 
 def _emit_block(n_rows, context, builder, signature, args):
     """IR of one register block (see :func:`_make_block`)."""
-    a_type, rows_type, _, b_type, _, _, _, _, out_type, _ = signature.args
-    a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate = [
+    a_type, a_rows_type, out_rows_type, _, b_type, _, _, _, _, out_type, _ = signature.args
+    a, a_rows_array, out_rows_array, first, b, k_lo, k_hi, col, n_cols, out, accumulate = [
         context.cast(builder, value, value_type, types.int64)
         if isinstance(value_type, types.Integer) else value
         for value, value_type in zip(args, signature.args)]
-    accumulate = context.cast(builder, args[9], signature.args[9], types.boolean)
+    accumulate = context.cast(builder, args[-1], signature.args[-1], types.boolean)
     emit = _Emitter(context, builder, a_type.dtype)
     i64 = emit.i64
     itemsize = ir.Constant(i64, emit.itemsize)
     a_data, (a_row_stride, a_k_stride) = _array_parts(context, builder, a_type, a)
-    rows_data, (rows_stride,) = _array_parts(context, builder, rows_type, rows)
     b_data, (b_k_stride, _) = _array_parts(context, builder, b_type, b)
     out_data, (out_row_stride, _) = _array_parts(context, builder, out_type, out)
-    row_type = context.get_value_type(rows_type.dtype)
-    row_indices = [context.cast(builder, builder.load(emit.offset(
-        rows_data, builder.mul(builder.add(first, ir.Constant(i64, i)), rows_stride), row_type)),
-        rows_type.dtype, types.int64) for i in range(n_rows)]
+
+    def row_indices(array, array_type):
+        data, (stride,) = _array_parts(context, builder, array_type, array)
+        element = context.get_value_type(array_type.dtype)
+        return [context.cast(builder, builder.load(emit.offset(
+            data, builder.mul(builder.add(first, ir.Constant(i64, i)), stride), element)),
+            array_type.dtype, types.int64) for i in range(n_rows)]
+
     a_rows = [emit.offset(a_data, builder.mul(row, a_row_stride), emit.element)
-              for row in row_indices]
+              for row in row_indices(a_rows_array, a_rows_type)]
     col_bytes = builder.mul(col, itemsize)
     out_rows = [emit.offset(out_data, builder.add(builder.mul(row, out_row_stride), col_bytes),
-                            emit.element) for row in row_indices]
+                            emit.element) for row in row_indices(out_rows_array, out_rows_type)]
     b_start = b_data
     n_sets = max(1, MIN_CHAINS // (n_rows * BLOCK_VECTORS))
     full = builder.icmp_signed("==", n_cols,
@@ -266,21 +269,26 @@ def _emit_store(emit, sums, out_rows, masks, accumulate):
 def _make_block(n_rows):
     """An intrinsic computing one register block of ``n_rows`` rows.
 
-    ``block(a, rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)``:
-    for r in ``rows[first:first + n_rows]`` and j < n_cols,
-    ``out[r, col + j] (+)= sum(a[r, k] * panel[k, j] for k in range(k_lo, k_hi))``.
-    a: (R, K) float; rows: (M,) int; panel: (K, W) float, W = block_columns;
-    out: (R, N) float; n_cols <= W.
+    ``block(a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)``:
+    for each n in ``[first, first + n_rows)`` and j < n_cols, with
+    ``r, s = a_rows[n], out_rows[n]``:
+    ``out[s, col + j] (+)= sum(a[r, k] * panel[k, j] for k in range(k_lo, k_hi))``.
+    a: (R, K) float; a_rows, out_rows: (M,) int; panel: (K, W) float,
+    W = block_columns; out: (S, N) float; n_cols <= W.
     """
     @intrinsic
-    def block(typingctx, a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate):
+    def block(typingctx, a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out,
+              accumulate):
         arrays = (a, b, out)
         if not all(isinstance(array, types.Array) and array.ndim == 2
                    and array.dtype == a.dtype for array in arrays):
             return None
-        if not isinstance(a.dtype, types.Float) or not isinstance(rows, types.Array):
+        if not isinstance(a.dtype, types.Float) or not all(
+                isinstance(rows, types.Array) and rows.ndim == 1 and isinstance(
+                    rows.dtype, types.Integer) for rows in (a_rows, out_rows)):
             return None
-        signature = types.void(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        signature = types.void(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out,
+                               accumulate)
         return signature, partial(_emit_block, n_rows)
     return block
 
@@ -291,38 +299,40 @@ assert BLOCK_ROWS == 6, "the dispatch in register_block covers six block heights
 
 
 @njit(inline="always")
-def register_block(count, a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate):
+def register_block(count, a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out,
+                   accumulate):
     """One block of ``count`` (1..BLOCK_ROWS) rows: see :func:`_make_block`."""
     if count == 6:
-        _block_6(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_6(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
     elif count == 5:
-        _block_5(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_5(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
     elif count == 4:
-        _block_4(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_4(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
     elif count == 3:
-        _block_3(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_3(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
     elif count == 2:
-        _block_2(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_2(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
     else:
-        _block_1(a, rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_1(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
 
 
 @njit(inline="always")
-def product_tile(a, rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out, out_col,
-                 accumulate):
-    """``out[r, out_col + j] (+)= a[r, k_lo:k_hi] @ b[k_lo:k_hi, j]`` for j in [col_lo, col_hi).
+def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out,
+                 out_col, accumulate):
+    """``out[s, out_col + j] (+)= a[r, k_lo:k_hi] @ b[k_lo:k_hi, j]`` for j in [col_lo, col_hi).
 
-    For r in ``rows[row_lo:row_hi]``. a: (R, K); rows: (M,) int64; panels:
-    (ceil(N / W), K, W), the matrix b (K, N) as packed by :func:`pack_panels`;
-    out: (R, N'), rows contiguous. col_lo must be a multiple of W.
+    For ``(r, s)`` in ``zip(a_rows, out_rows)[row_lo:row_hi]``. a: (R, K);
+    a_rows, out_rows: (M,) int64; panels: (ceil(N / W), K, W), the matrix
+    b (K, N) as packed by :func:`pack_panels`; out: (S, N'), rows contiguous.
+    col_lo must be a multiple of W.
     """
     width = panels.shape[2]
     for col in range(col_lo, col_hi, width):
         n_cols = min(width, col_hi - col)
         panel = panels[col // width]
         for first in range(row_lo, row_hi, BLOCK_ROWS):
-            register_block(min(BLOCK_ROWS, row_hi - first), a, rows, first, panel, k_lo, k_hi,
-                           out_col + col, n_cols, out, accumulate)
+            register_block(min(BLOCK_ROWS, row_hi - first), a, a_rows, out_rows, first, panel,
+                           k_lo, k_hi, out_col + col, n_cols, out, accumulate)
 
 
 def panel_shape(b_shape, dtype):
@@ -378,5 +388,5 @@ def matmul(a, panels, rows, out, accumulate):
         col_lo = (tile % n_col_tiles) * TILE_COLS
         row_hi, col_hi = min(row_lo + TILE_ROWS, n_rows), min(col_lo + TILE_COLS, n_cols)
         for k_lo in range(0, max(depth, 1), TILE_DEPTH):
-            product_tile(a, rows, row_lo, row_hi, panels, k_lo, min(k_lo + TILE_DEPTH, depth),
+            product_tile(a, rows, rows, row_lo, row_hi, panels, k_lo, min(k_lo + TILE_DEPTH, depth),
                          col_lo, col_hi, out, 0, accumulate or k_lo > 0)
