@@ -14,19 +14,31 @@ from numba import njit
 N_GATES = 4
 
 
-#: exp(x) is 0 below this (exp(-708) ~ 3e-308 is near the smallest normal
-#: float64; float32 underflows earlier), so 2**-n needs EXP_FLOOR_BITS bits.
-EXP_FLOOR = -708.0
-#: Powers of two that 2**-n is built from: n < 2**EXP_FLOOR_BITS covers EXP_FLOOR.
-EXP_FLOOR_BITS = 10
+#: exp(x) is taken as 0 below this: exp(-87.3) ~ 1.2e-38 is the smallest
+#: normal float32; float64 values below it are lost (absolute error < 1e-38).
+EXP_FLOOR = -87.3
+#: Bits of n in 2**-n: n <= -EXP_FLOOR * log2(e) < 2**EXP_SCALE_BITS.
+EXP_SCALE_BITS = 7
 LOG2_E = 1.4426950408889634
-#: ln 2 split in two (Cody and Waite): n * LN2_HIGH is exact in float64, and in
-#: float32 wherever exp(x) is a normal number; LN2_LOW carries the rest.
+#: ln 2 split in two (Cody and Waite): n * LN2_HIGH is exact for n < 2**8 in
+#: float32 and float64; LN2_LOW carries the rest.
 LN2_HIGH = 0.693145751953125
 LN2_LOW = 1.4286068203094172e-06
-#: Taylor terms of exp(r) - 1 on |r| <= ln(2) / 2: the truncation error is
-#: below float64 rounding (r**13 / 13! < 2e-16).
-EXPM1_TERMS = 12
+#: Taylor terms of exp(r) - 1 on |r| <= ln(2) / 2 that bring the truncation
+#: error below rounding: r**13 / 13! < 2e-16, r**8 / 8! < 6e-9.
+EXPM1_TERMS_DOUBLE = 12
+EXPM1_TERMS_SINGLE = 7
+#: 1 + this is 1 in float32 but not in float64: tells the two apart in code
+#: that is generic over the float type (the test folds at compile time).
+SINGLE_PRECISION_PROBE = 1e-10
+
+
+@njit(inline="always")
+def _expm1_terms(x):
+    """How many Taylor terms of exp(r) - 1 the float type of ``x`` needs."""
+    one = type(x)(1)
+    single = one + type(x)(SINGLE_PRECISION_PROBE) == one
+    return EXPM1_TERMS_SINGLE if single else EXPM1_TERMS_DOUBLE
 
 
 @njit(inline="always")
@@ -45,18 +57,39 @@ def _exp_parts(x):
     half = type(x)(0.5)
     below_floor = x < type(x)(EXP_FLOOR)
     x = type(x)(EXP_FLOOR) if below_floor else x
-    n = np.int32(half - x * type(x)(LOG2_E))
-    n_float = type(x)(n)
-    r = (x + n_float * type(x)(LN2_HIGH)) + n_float * type(x)(LN2_LOW)
-    q = r * (one / type(x)(EXPM1_TERMS))
-    for term in range(EXPM1_TERMS - 1, 0, -1):
-        q = r * (one / type(x)(term)) * (one + q)
+    n = type(x)(np.int32(half - x * type(x)(LOG2_E)))
+    r = (x + n * type(x)(LN2_HIGH)) + n * type(x)(LN2_LOW)
+    n_terms = _expm1_terms(x)
+    coefficient = one
+    for term in range(2, n_terms + 1):
+        coefficient /= type(x)(term)
+    # Horner from the highest term down; coefficient runs 1/n!, ..., 1/1!.
+    q = coefficient
+    for term in range(n_terms, 1, -1):
+        coefficient *= type(x)(term)
+        q = q * r + coefficient
+    q *= r
+    # 2**-n from the bits of n, highest first, in float arithmetic only.
     scale = one
-    power = half
-    for bit in range(EXP_FLOOR_BITS):
-        scale *= power if (n >> bit) & 1 else one
-        power *= power
+    weight = type(x)(1 << (EXP_SCALE_BITS - 1))
+    for _ in range(EXP_SCALE_BITS):
+        take = n >= weight
+        n = n - weight if take else n
+        scale = scale * _power_of_half(weight) if take else scale
+        weight *= half
     return q, type(x)(0) if below_floor else scale
+
+
+@njit(inline="always")
+def _power_of_half(weight):
+    """``0.5 ** weight`` for a whole-number weight in [1, 64], exactly."""
+    half = type(weight)(0.5)
+    power = half
+    covered = type(weight)(1)
+    while covered < weight:
+        power *= power
+        covered += covered
+    return power
 
 
 @njit(inline="always")

@@ -65,12 +65,16 @@ def _list_running(step, lengths, batch, running, gate_rows, next_rows):
 
 @njit(inline="always")
 def _tile_bounds(tile, n_row_tiles, n_unit_tiles, n_rows, hidden):
-    """(direction, first/last running-row position, first/last unit) of a tile."""
+    """(direction, first/last running-row position, first/last unit) of a tile.
+
+    Row tiles vary fastest, so the contiguous run of tiles a thread gets
+    covers few units (few columns of W_h) across all rows.
+    """
     per_direction = n_row_tiles * n_unit_tiles
     direction = tile // per_direction
     rest = tile % per_direction
-    row_lo = (rest // n_unit_tiles) * ROWS_PER_TILE
-    unit_lo = (rest % n_unit_tiles) * UNITS_PER_TILE
+    row_lo = (rest % n_row_tiles) * ROWS_PER_TILE
+    unit_lo = (rest // n_row_tiles) * UNITS_PER_TILE
     return (direction, row_lo, min(row_lo + ROWS_PER_TILE, n_rows),
             unit_lo, min(unit_lo + UNITS_PER_TILE, hidden))
 
@@ -85,12 +89,27 @@ SCRATCH_SEGMENTS = N_GATES + 3
 
 
 @njit(inline="always")
+def _copy(source, destination):
+    """``destination[:] = source`` as a plain loop: Numba's slice assignment
+    checks for overlap and may allocate a temporary, too slow per tile row."""
+    for j in range(source.shape[0]):
+        destination[j] = source[j]
+
+
+@njit(inline="always")
+def _add(source, destination):
+    """``destination += source`` as a plain loop (see :func:`_copy`)."""
+    for j in range(source.shape[0]):
+        destination[j] += source[j]
+
+
+@njit(inline="always")
 def _load_gates(scratch, gates, hidden, unit_lo, unit_hi):
     """Copy units [unit_lo, unit_hi) of each gate of a (4H,) row into the scratch."""
     n_units = unit_hi - unit_lo
     for gate in range(N_GATES):
-        scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units] = \
-            gates[gate * hidden + unit_lo:gate * hidden + unit_hi]
+        _copy(gates[gate * hidden + unit_lo:gate * hidden + unit_hi],
+              scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units])
 
 
 @njit(inline="always")
@@ -98,8 +117,8 @@ def _store_gates(scratch, gates, hidden, unit_lo, unit_hi):
     """The inverse of :func:`_load_gates`."""
     n_units = unit_hi - unit_lo
     for gate in range(N_GATES):
-        gates[gate * hidden + unit_lo:gate * hidden + unit_hi] = \
-            scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units]
+        _copy(scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units],
+              gates[gate * hidden + unit_lo:gate * hidden + unit_hi])
 
 
 @njit(inline="always")
@@ -194,16 +213,16 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
                 r, gate_row = running[n], gate_rows[d, n]
                 t = gate_row // batch
                 _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                _segment(row_scratch, _C_PREV, n_units)[:] = c_ring[d, prev, r, unit_lo:unit_hi]
+                _copy(c_ring[d, prev, r, unit_lo:unit_hi], _segment(row_scratch, _C_PREV, n_units))
                 _forward_units(row_scratch, n_units)
                 _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                c_ring[d, 1 - prev, r, unit_lo:unit_hi] = _segment(row_scratch, _C_PREV, n_units)
+                _copy(_segment(row_scratch, _C_PREV, n_units), c_ring[d, 1 - prev, r, unit_lo:unit_hi])
                 h_t = _segment(row_scratch, _DH, n_units)
-                h_ring[d, 1 - prev, r, unit_lo:unit_hi] = h_t
-                y[t, r, d * hidden + unit_lo:d * hidden + unit_hi] = h_t
+                _copy(h_t, h_ring[d, 1 - prev, r, unit_lo:unit_hi])
+                _copy(h_t, y[t, r, d * hidden + unit_lo:d * hidden + unit_hi])
                 if save:
-                    hidden_states[d, t, r, unit_lo:unit_hi] = h_prev[r, unit_lo:unit_hi]
-                    cell_states[d, t, r, unit_lo:unit_hi] = c_ring[d, prev, r, unit_lo:unit_hi]
+                    _copy(h_prev[r, unit_lo:unit_hi], hidden_states[d, t, r, unit_lo:unit_hi])
+                    _copy(c_ring[d, prev, r, unit_lo:unit_hi], cell_states[d, t, r, unit_lo:unit_hi])
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL)
@@ -248,18 +267,16 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
             for n in range(row_lo, row_hi):
                 r, gate_row = running[n], gate_rows[d, n]
                 t = gate_row // batch
-                if step + 1 < lengths[r]:
-                    dh[:] = dh_step[d, r, unit_lo:unit_hi]
-                else:
-                    dh[:] = dh_n[d, r, unit_lo:unit_hi]
+                _copy(dh_step[d, r, unit_lo:unit_hi] if step + 1 < lengths[r]
+                      else dh_n[d, r, unit_lo:unit_hi], dh)
                 if has_dy:
-                    dh += dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi]
+                    _add(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
                 _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                _segment(row_scratch, _C_PREV, n_units)[:] = cell_states[d, t, r, unit_lo:unit_hi]
-                _segment(row_scratch, _DC, n_units)[:] = dc_carry[d, r, unit_lo:unit_hi]
+                _copy(cell_states[d, t, r, unit_lo:unit_hi], _segment(row_scratch, _C_PREV, n_units))
+                _copy(dc_carry[d, r, unit_lo:unit_hi], _segment(row_scratch, _DC, n_units))
                 _backward_units(row_scratch, n_units)
                 _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
-                dc_carry[d, r, unit_lo:unit_hi] = _segment(row_scratch, _DC, n_units)
+                _copy(_segment(row_scratch, _DC, n_units), dc_carry[d, r, unit_lo:unit_hi])
 
 
 def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
@@ -283,8 +300,7 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     flat_gates = gates.reshape(n_dirs, steps * batch, -1)
     rows = valid_rows(lengths, steps)
     for d in range(n_dirs):
-        matmul(flat_x, packed(w_x[d]), rows, flat_gates[d], False)
-        flat_gates[d, rows] += b[d]
+        matmul(flat_x, packed(w_x[d]), rows, flat_gates[d], False, b[d])
     h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
     c_ring = np.empty_like(h_ring)
     h_ring[:, 0], c_ring[:, 0] = h0, c0
@@ -356,13 +372,14 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
     dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
     all_rows = rows.size == steps * batch
+    no_bias = np.empty(0, x.dtype)
     for d in range(n_dirs):
         dz = d_gates[d].reshape(steps * batch, four_hidden)
-        matmul(dz, packed(w_x[d].T), rows, dx, d > 0)
+        matmul(dz, packed(w_x[d].T), rows, dx, d > 0, no_bias)
         dz_panels = packed(dz if all_rows else dz[rows])
-        matmul(x_t, dz_panels, np.arange(inputs), dw_x[d], False)
+        matmul(x_t, dz_panels, np.arange(inputs), dw_x[d], False, no_bias)
         h_t = np.ascontiguousarray(
             hidden_states[d, :steps].reshape(steps * batch, hidden)[rows].T)
-        matmul(h_t, dz_panels, np.arange(hidden), dw_h[d], False)
+        matmul(h_t, dz_panels, np.arange(hidden), dw_h[d], False, no_bias)
     db = d_gates.sum(axis=(1, 2))
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db

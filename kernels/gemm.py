@@ -348,11 +348,12 @@ def pack_panels(b, panels):
     ``panels[j]``, each row of it contiguous; columns past N are zero."""
     n_panels, depth, width = panels.shape
     n_cols = b.shape[1]
-    for index in prange(n_panels * depth):
-        block, k = index // depth, index % depth
+    for block in prange(n_panels):
         col = block * width
-        for j in range(width):
-            panels[block, k, j] = b[k, col + j] if col + j < n_cols else 0
+        n_valid = min(width, n_cols - col)
+        for k in range(depth):
+            panels[block, k, :n_valid] = b[k, col:col + n_valid]
+            panels[block, k, n_valid:] = 0
 
 
 def packed(b):
@@ -373,12 +374,13 @@ TILE_DEPTH = 256
 
 
 @njit(parallel=True, cache=True)
-def matmul(a, panels, rows, out, accumulate):
-    """``out[r] (+)= a[r] @ b`` for r in ``rows``, in parallel tiles.
+def matmul(a, panels, rows, out, accumulate, bias):
+    """``out[r] (+)= a[r] @ b (+ bias)`` for r in ``rows``, in parallel tiles.
 
     a: (R, K); panels: b (K, N) packed by :func:`packed`; rows: (M,) int64;
-    out: (R, N), rows contiguous, other rows untouched. Each element sums over
-    k in increasing order, whatever the tiling or thread count.
+    out: (R, N), rows contiguous, other rows untouched; bias: (N,), or (0,)
+    for none, added to each row once its product is complete. Each element
+    sums over k in increasing order, whatever the tiling or thread count.
     """
     n_rows, n_cols, depth = rows.shape[0], out.shape[1], a.shape[1]
     n_col_tiles = (n_cols + TILE_COLS - 1) // TILE_COLS
@@ -390,3 +392,6 @@ def matmul(a, panels, rows, out, accumulate):
         for k_lo in range(0, max(depth, 1), TILE_DEPTH):
             product_tile(a, rows, rows, row_lo, row_hi, panels, k_lo, min(k_lo + TILE_DEPTH, depth),
                          col_lo, col_hi, out, 0, accumulate or k_lo > 0)
+        if bias.shape[0] > 0:
+            for n in range(row_lo, row_hi):
+                out[rows[n], col_lo:col_hi] += bias[col_lo:col_hi]
