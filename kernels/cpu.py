@@ -28,7 +28,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
-from .gemm import block_columns, matmul, pack_panels, packed, panel_shape, product_tile
+from .gemm import (block_columns, empty_panels, matmul, pack_panels, packed, panel_shape,
+                   product_tile)
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 #: A multiple of the products' block width, so tiles start on panel edges.
@@ -304,10 +305,11 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
     c_ring = np.empty_like(h_ring)
     h_ring[:, 0], c_ring[:, 0] = h0, c0
-    w_h_panels = np.empty((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype), x.dtype)
+    w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
+                              x.dtype)
     for d in range(n_dirs):
         for gate in range(N_GATES):
-            pack_panels(w_h[d, :, gate * hidden:(gate + 1) * hidden], w_h_panels[d, gate])
+            pack_panels(w_h[d], False, gate * hidden, hidden, w_h_panels[d, gate])
     forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *_row_lists(n_dirs, batch),
                  _scratch(n_dirs, batch, hidden, x.dtype), y, hidden_states[:, :steps],
                  cell_states[:, :steps])
@@ -328,6 +330,12 @@ def _row_lists(n_dirs, batch):
 def valid_rows(lengths, steps):
     """Indices ``t * B + b`` of the valid (time, row) pairs, ``t < lengths[b]``, in order."""
     return np.flatnonzero(np.arange(steps)[:, None] < lengths[None, :])
+
+
+def _valid_pairs(flat, rows):
+    """The rows of a (T * B, n) array at the valid pairs ``rows``: the array
+    itself when every pair is valid, else a gathered copy."""
+    return flat if rows.size == flat.shape[0] else flat[rows]
 
 
 def _clear_padding(gates, hidden_states, cell_states, lengths):
@@ -359,27 +367,29 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     d_gates = np.zeros_like(gates)
     dc = dc_n.copy()
     dh0 = dh_n.copy()
-    w_h_t_panels = np.stack([packed(w_h[d].T) for d in range(n_dirs)])
+    w_h_t_panels = empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), x.dtype),
+                                x.dtype)
+    for d in range(n_dirs):
+        pack_panels(w_h[d], True, 0, four_hidden, w_h_t_panels[d])
     flat_shape = (n_dirs, steps * batch, four_hidden)
     backward_loop(gates.reshape(flat_shape), cell_states[:, :steps], w_h_t_panels, lengths,
                   *_row_lists(n_dirs, batch), _scratch(n_dirs, batch, hidden, x.dtype), dy, dh_n,
                   dc, np.empty_like(dh0), dh0,
                   d_gates.reshape(flat_shape))
     rows = valid_rows(lengths, steps)
-    # The weight gradients sum over the valid (time, row) pairs only.
-    x_t = np.ascontiguousarray(x.reshape(steps * batch, inputs)[rows].T)
+    # The weight gradients sum over the valid (time, row) pairs only; x and h
+    # enter them transposed, as strided views (the products take any strides).
+    x_valid_t = _valid_pairs(x.reshape(steps * batch, inputs), rows).T
     dx = np.zeros((steps * batch, inputs), x.dtype)
     dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
     dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
-    all_rows = rows.size == steps * batch
     no_bias = np.empty(0, x.dtype)
     for d in range(n_dirs):
         dz = d_gates[d].reshape(steps * batch, four_hidden)
-        matmul(dz, packed(w_x[d].T), rows, dx, d > 0, no_bias)
-        dz_panels = packed(dz if all_rows else dz[rows])
-        matmul(x_t, dz_panels, np.arange(inputs), dw_x[d], False, no_bias)
-        h_t = np.ascontiguousarray(
-            hidden_states[d, :steps].reshape(steps * batch, hidden)[rows].T)
-        matmul(h_t, dz_panels, np.arange(hidden), dw_h[d], False, no_bias)
+        matmul(dz, packed(w_x[d], transposed=True), rows, dx, d > 0, no_bias)
+        dz_panels = packed(_valid_pairs(dz, rows))
+        matmul(x_valid_t, dz_panels, np.arange(inputs), dw_x[d], False, no_bias)
+        h_valid_t = _valid_pairs(hidden_states[d, :steps].reshape(steps * batch, hidden), rows).T
+        matmul(h_valid_t, dz_panels, np.arange(hidden), dw_h[d], False, no_bias)
     db = d_gates.sum(axis=(1, 2))
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db

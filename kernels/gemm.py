@@ -342,24 +342,62 @@ def panel_shape(b_shape, dtype):
     return ((n_cols + width - 1) // width, depth, width)
 
 
+#: Rows of b one packing task copies: its slice of b stays in cache while
+#: each panel's part of it is written.
+PACK_ROWS = 64
+
+
 @njit(parallel=True, cache=True)
-def pack_panels(b, panels):
-    """Copy b (K, N) into panels (ceil(N / W), K, W): column block j of b is
-    ``panels[j]``, each row of it contiguous; columns past N are zero."""
+def pack_panels(matrix, transposed, col_offset, n_cols, panels):
+    """Pack columns [col_offset, col_offset + n_cols) of b into panels.
+
+    b is ``matrix`` (K, N), or its transpose when ``transposed`` (matrix then
+    (N, K)); matrix is C-contiguous either way, so the copy reads it along
+    its rows. panels: (ceil(n_cols / W), K, W) out: column block j is
+    ``panels[j]``, each row of it contiguous; columns past n_cols are zero.
+    Parallel over chunks of PACK_ROWS values of k.
+    """
     n_panels, depth, width = panels.shape
-    n_cols = b.shape[1]
-    for block in prange(n_panels):
-        col = block * width
-        n_valid = min(width, n_cols - col)
-        for k in range(depth):
-            panels[block, k, :n_valid] = b[k, col:col + n_valid]
-            panels[block, k, n_valid:] = 0
+    for chunk in prange((depth + PACK_ROWS - 1) // PACK_ROWS):
+        k_lo = chunk * PACK_ROWS
+        k_hi = min(k_lo + PACK_ROWS, depth)
+        for block in range(n_panels):
+            col = col_offset + block * width
+            n_valid = min(width, col_offset + n_cols - col)
+            panel = panels[block]
+            if transposed:
+                for j in range(n_valid):
+                    for k in range(k_lo, k_hi):
+                        panel[k, j] = matrix[col + j, k]
+            else:
+                for k in range(k_lo, k_hi):
+                    for j in range(n_valid):
+                        panel[k, j] = matrix[k, col + j]
+            for k in range(k_lo, k_hi):
+                for j in range(n_valid, width):
+                    panel[k, j] = 0
 
 
-def packed(b):
-    """b (K, N) packed into panels: see :func:`pack_panels`."""
-    panels = np.empty(panel_shape(b.shape, b.dtype), b.dtype)
-    pack_panels(b, panels)
+#: Alignment of packed panels: a cache line, so no vector load straddles two.
+PANEL_ALIGNMENT = 64
+
+
+def empty_panels(shape, dtype):
+    """An uninitialized array of ``shape`` whose data starts on a cache line."""
+    itemsize = np.dtype(dtype).itemsize
+    n_bytes = int(np.prod(shape)) * itemsize
+    buffer = np.empty(n_bytes + PANEL_ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % PANEL_ALIGNMENT
+    return buffer[start:start + n_bytes].view(dtype).reshape(shape)
+
+
+def packed(matrix, transposed=False):
+    """b = ``matrix`` (or its transpose), C-contiguous, packed into panels:
+    see :func:`pack_panels`."""
+    matrix = np.ascontiguousarray(matrix)
+    shape = matrix.shape[::-1] if transposed else matrix.shape
+    panels = empty_panels(panel_shape(shape, matrix.dtype), matrix.dtype)
+    pack_panels(matrix, transposed, 0, shape[1], panels)
     return panels
 
 
