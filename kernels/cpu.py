@@ -29,7 +29,7 @@ from numba import njit, prange
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
 from .gemm import (block_columns, empty_panels, matmul, pack_panels, packed, panel_shape,
-                   product_tile)
+                   product_tile, transposed)
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 #: A multiple of the products' block width, so tiles start on panel edges.
@@ -377,9 +377,8 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
                   dc, np.empty_like(dh0), dh0,
                   d_gates.reshape(flat_shape))
     rows = valid_rows(lengths, steps)
-    # The weight gradients sum over the valid (time, row) pairs only; x and h
-    # enter them transposed, as strided views (the products take any strides).
-    x_valid_t = _valid_pairs(x.reshape(steps * batch, inputs), rows).T
+    # The weight gradients sum over the valid (time, row) pairs only.
+    x_valid_t = transposed(_valid_pairs(x.reshape(steps * batch, inputs), rows))
     dx = np.zeros((steps * batch, inputs), x.dtype)
     dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
     dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
@@ -389,7 +388,8 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
         matmul(dz, packed(w_x[d], transposed=True), rows, dx, d > 0, no_bias)
         dz_panels = packed(_valid_pairs(dz, rows))
         matmul(x_valid_t, dz_panels, np.arange(inputs), dw_x[d], False, no_bias)
-        h_valid_t = _valid_pairs(hidden_states[d, :steps].reshape(steps * batch, hidden), rows).T
+        h_valid_t = transposed(
+            _valid_pairs(hidden_states[d, :steps].reshape(steps * batch, hidden), rows))
         matmul(h_valid_t, dz_panels, np.arange(hidden), dw_h[d], False, no_bias)
     db = d_gates.sum(axis=(1, 2))
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db

@@ -400,6 +400,33 @@ def pack_panels(matrix, transposed, col_offset, n_cols, panels):
                     panel[k, j] = 0
 
 
+#: Edge of the square blocks of :func:`transpose_into`: a block of the source
+#: and of the destination both stay in L1 while it is copied.
+TRANSPOSE_BLOCK = 32
+
+
+@njit(parallel=True, cache=True)
+def transpose_into(matrix, out):
+    """``out[:] = matrix.T`` in cache-sized blocks, in parallel. matrix: (M, N); out: (N, M)."""
+    n_rows, n_cols = matrix.shape
+    n_col_blocks = (n_cols + TRANSPOSE_BLOCK - 1) // TRANSPOSE_BLOCK
+    n_blocks = ((n_rows + TRANSPOSE_BLOCK - 1) // TRANSPOSE_BLOCK) * n_col_blocks
+    for block in prange(n_blocks):
+        row_lo = (block // n_col_blocks) * TRANSPOSE_BLOCK
+        col_lo = (block % n_col_blocks) * TRANSPOSE_BLOCK
+        for col in range(col_lo, min(col_lo + TRANSPOSE_BLOCK, n_cols)):
+            for row in range(row_lo, min(row_lo + TRANSPOSE_BLOCK, n_rows)):
+                out[col, row] = matrix[row, col]
+
+
+def transposed(matrix):
+    """A C-contiguous copy of ``matrix.T`` (the products read ``a`` fastest along
+    its rows: a strided ``a`` costs them a cache line per element)."""
+    out = np.empty(matrix.shape[::-1], matrix.dtype)
+    transpose_into(matrix, out)
+    return out
+
+
 #: Alignment of packed panels: a cache line, so no vector load straddles two.
 PANEL_ALIGNMENT = 64
 
