@@ -28,8 +28,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
-from .gemm import (block_columns, empty_panels, matmul, pack_panels, packed, panel_shape,
-                   product_tile, transposed)
+from .gemm import (WORKSPACE, block_columns, empty_panels, matmul, pack_panels, packed,
+                   panel_shape, product_tile, transposed)
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 #: A multiple of the products' block width, so tiles start on panel edges.
@@ -293,7 +293,7 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     steps, batch, inputs = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
     if saved is None:
-        gates = np.empty((n_dirs, steps, batch, N_GATES * hidden), x.dtype)
+        gates = WORKSPACE.empty("gates", (n_dirs, steps, batch, N_GATES * hidden), x.dtype)
         hidden_states = cell_states = np.empty((n_dirs, 0, batch, hidden), x.dtype)
     else:
         gates, hidden_states, cell_states = saved
@@ -301,12 +301,12 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     flat_gates = gates.reshape(n_dirs, steps * batch, -1)
     rows = valid_rows(lengths, steps)
     for d in range(n_dirs):
-        matmul(flat_x, packed(w_x[d]), rows, flat_gates[d], False, b[d])
+        matmul(flat_x, packed(w_x[d], "w_x"), rows, flat_gates[d], False, b[d])
     h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
     c_ring = np.empty_like(h_ring)
     h_ring[:, 0], c_ring[:, 0] = h0, c0
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
-                              x.dtype)
+                              x.dtype, "w_h")
     for d in range(n_dirs):
         for gate in range(N_GATES):
             pack_panels(w_h[d], False, gate * hidden, hidden, w_h_panels[d, gate])
@@ -364,11 +364,12 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     hidden = four_hidden // N_GATES
     if dy is None:
         dy = np.empty((0, batch, n_dirs * hidden), x.dtype)
-    d_gates = np.zeros_like(gates)
+    d_gates = WORKSPACE.empty("d_gates", gates.shape, x.dtype)
+    d_gates[:, np.arange(steps)[:, None] >= lengths[None, :]] = 0
     dc = dc_n.copy()
     dh0 = dh_n.copy()
     w_h_t_panels = empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), x.dtype),
-                                x.dtype)
+                                x.dtype, "w_h_t")
     for d in range(n_dirs):
         pack_panels(w_h[d], True, 0, four_hidden, w_h_t_panels[d])
     flat_shape = (n_dirs, steps * batch, four_hidden)
@@ -378,18 +379,18 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
                   d_gates.reshape(flat_shape))
     rows = valid_rows(lengths, steps)
     # The weight gradients sum over the valid (time, row) pairs only.
-    x_valid_t = transposed(_valid_pairs(x.reshape(steps * batch, inputs), rows))
+    x_valid_t = transposed(_valid_pairs(x.reshape(steps * batch, inputs), rows), "x_t")
     dx = np.zeros((steps * batch, inputs), x.dtype)
     dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
     dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
     no_bias = np.empty(0, x.dtype)
     for d in range(n_dirs):
         dz = d_gates[d].reshape(steps * batch, four_hidden)
-        matmul(dz, packed(w_x[d], transposed=True), rows, dx, d > 0, no_bias)
-        dz_panels = packed(_valid_pairs(dz, rows))
+        matmul(dz, packed(w_x[d], "w_x_t", transposed=True), rows, dx, d > 0, no_bias)
+        dz_panels = packed(_valid_pairs(dz, rows), "dz")
         matmul(x_valid_t, dz_panels, np.arange(inputs), dw_x[d], False, no_bias)
         h_valid_t = transposed(
-            _valid_pairs(hidden_states[d, :steps].reshape(steps * batch, hidden), rows))
+            _valid_pairs(hidden_states[d, :steps].reshape(steps * batch, hidden), rows), "h_t")
         matmul(h_valid_t, dz_panels, np.arange(hidden), dw_h[d], False, no_bias)
     db = d_gates.sum(axis=(1, 2))
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db

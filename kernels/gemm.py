@@ -18,6 +18,7 @@ in increasing order, so results do not depend on tiling or thread count.
 Layout contract (checked by the callers, not here): ``b`` and ``out`` are
 contiguous along their last axis; ``a`` may have any strides.
 """
+import threading
 from functools import partial
 
 import numpy as np
@@ -419,10 +420,11 @@ def transpose_into(matrix, out):
                 out[col, row] = matrix[row, col]
 
 
-def transposed(matrix):
-    """A C-contiguous copy of ``matrix.T`` (the products read ``a`` fastest along
-    its rows: a strided ``a`` costs them a cache line per element)."""
-    out = np.empty(matrix.shape[::-1], matrix.dtype)
+def transposed(matrix, name):
+    """A C-contiguous copy of ``matrix.T`` from the workspace under ``name`` (the
+    products read ``a`` fastest along its rows: a strided ``a`` costs them a
+    cache line per element)."""
+    out = WORKSPACE.empty(name, matrix.shape[::-1], matrix.dtype)
     transpose_into(matrix, out)
     return out
 
@@ -431,21 +433,60 @@ def transposed(matrix):
 PANEL_ALIGNMENT = 64
 
 
-def empty_panels(shape, dtype):
-    """An uninitialized array of ``shape`` whose data starts on a cache line."""
-    itemsize = np.dtype(dtype).itemsize
-    n_bytes = int(np.prod(shape)) * itemsize
-    buffer = np.empty(n_bytes + PANEL_ALIGNMENT, np.uint8)
+class Workspace(threading.local):
+    """Cache-line aligned buffers for the CPU drivers' temporaries, kept per thread.
+
+    A fresh buffer of several MB costs a page fault per 4 KiB on first touch,
+    which on small machines and VMs can take longer than the product that
+    fills it; so packed weights, transposes and gradient scratch are carved
+    from buffers that live from one call to the next, one per name, grown to
+    the largest size asked. Nothing carved from it ever reaches a caller.
+    """
+
+    def __init__(self):
+        self._buffers = {}
+
+    def empty(self, name, shape, dtype):
+        """An uninitialized aligned array of ``shape``, valid until ``name`` is asked again."""
+        n_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.nbytes < n_bytes + PANEL_ALIGNMENT:
+            buffer = np.empty(n_bytes + PANEL_ALIGNMENT, np.uint8)
+            self._buffers[name] = buffer
+        return _aligned_view(buffer, shape, dtype)
+
+    def clear(self):
+        """Release this thread's buffers."""
+        self._buffers.clear()
+
+    @property
+    def n_bytes(self):
+        """Bytes this thread's buffers hold."""
+        return sum(buffer.nbytes for buffer in self._buffers.values())
+
+
+#: The CPU drivers' temporaries (see :class:`Workspace`).
+WORKSPACE = Workspace()
+
+
+def _aligned_view(buffer, shape, dtype):
+    """A ``shape`` array of ``dtype`` over a uint8 buffer, starting on a cache line."""
+    n_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     start = -buffer.ctypes.data % PANEL_ALIGNMENT
     return buffer[start:start + n_bytes].view(dtype).reshape(shape)
 
 
-def packed(matrix, transposed=False):
-    """b = ``matrix`` (or its transpose), C-contiguous, packed into panels:
-    see :func:`pack_panels`."""
+def empty_panels(shape, dtype, name):
+    """Aligned room for packed panels of ``shape``, from the workspace under ``name``."""
+    return WORKSPACE.empty(name, shape, dtype)
+
+
+def packed(matrix, name, transposed=False):
+    """b = ``matrix`` (or its transpose), packed into panels from the workspace
+    under ``name``: see :func:`pack_panels`."""
     matrix = np.ascontiguousarray(matrix)
     shape = matrix.shape[::-1] if transposed else matrix.shape
-    panels = empty_panels(panel_shape(shape, matrix.dtype), matrix.dtype)
+    panels = empty_panels(panel_shape(shape, matrix.dtype), matrix.dtype, name)
     pack_panels(matrix, transposed, 0, shape[1], panels)
     return panels
 
