@@ -8,11 +8,11 @@ Quick use::
     grads = nblstm.backward(cache, dy)                     # dy: (T, B, 32)
 """
 from ._availability import available_backends
-from .api import Grads, LSTMCache, backward, forward
+from .api import Grads, LSTMCache, backward, clear_workspace, forward
 from .layer import LSTM
 from .params import LSTMParams
 from .verify import VerifyReport, verify
 
 __all__ = ["LSTM", "LSTMParams", "LSTMCache", "Grads", "forward", "backward", "verify",
-           "VerifyReport", "available_backends"]
+           "VerifyReport", "available_backends", "clear_workspace"]
 __version__ = "0.1.0"

@@ -314,3 +314,25 @@ def backward(cache, dy, dh_n=None, dc_n=None):
         dx = impl.batch_major(dx)
     results = impl.hand_back([dx, dh0[0], dc0[0], dw_x[0], dw_h[0], db[0]], cache.host_outputs)
     return Grads(*results)
+
+
+def clear_workspace():
+    """Release the ``"cpu"`` backend's reusable temporaries held by the calling thread.
+
+    The CPU backend carves its packed weights, transposes and gate gradients
+    from per-thread buffers that live between calls and grow to the largest
+    problem seen (roughly two (T, B, 4H) arrays plus the weights, per
+    direction): allocating them afresh would cost a page fault per 4 KiB on
+    every call. Results never alias these buffers.
+
+    Returns
+    -------
+    int
+        The number of bytes released.
+    """
+    from .kernels.gemm import WORKSPACE
+
+    released = WORKSPACE.n_bytes
+    WORKSPACE.clear()
+    return released
+

@@ -1,0 +1,137 @@
+"""The CPU building blocks on their own: the SIMD products and the vectorizable cell math."""
+import numpy as np
+import pytest
+from numba import njit
+
+import nblstm
+from nblstm import clear_workspace
+from nblstm.kernels import cell, gemm
+
+DTYPES = [np.float32, np.float64]
+#: Allowed error of the exp/sigmoid/tanh in units of the dtype's epsilon.
+ULPS = 8
+
+
+def product_case(rng, n_rows, depth, n_cols, dtype):
+    a = rng.standard_normal((n_rows, depth)).astype(dtype)
+    b = rng.standard_normal((depth, n_cols)).astype(dtype)
+    return a, b
+
+
+def assert_product_close(actual, expected, depth, dtype):
+    """Sums of ``depth`` products of unit normals, each rounding at most eps-relative."""
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=8 * depth * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (6, 16, 16), (13, 300, 37),
+                                   (100, 257, 130), (200, 64, 1)])
+def test_matmul_matches_numpy(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    a, b = product_case(rng, *shape, dtype)
+    bias = rng.standard_normal(shape[2]).astype(dtype)
+    out = rng.standard_normal((shape[0], shape[2])).astype(dtype)
+    before = out.copy()
+    rows = np.arange(shape[0])
+    gemm.matmul(a, gemm.packed(b, "test"), rows, out, False, np.empty(0, dtype))
+    assert_product_close(out, a.astype(np.float64) @ b, shape[1], dtype)
+    gemm.matmul(a, gemm.packed(b, "test"), rows, out, True, bias)
+    assert_product_close(out, 2 * (a.astype(np.float64) @ b) + bias, shape[1], dtype)
+    assert not np.array_equal(out, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_touches_only_listed_rows_and_reads_a_transposed_panel(dtype):
+    rng = np.random.default_rng(3)
+    a, b = product_case(rng, 11, 9, 21, dtype)
+    out = rng.standard_normal((11, 21)).astype(dtype)
+    before = out.copy()
+    rows = np.array([9, 0, 4, 5, 6, 2, 10])
+    b_t = np.ascontiguousarray(b.T)
+    gemm.matmul(a, gemm.packed(b_t, "test", transposed=True), rows, out, False,
+                np.empty(0, dtype))
+    assert_product_close(out[rows], (a.astype(np.float64) @ b)[rows], 9, dtype)
+    untouched = np.setdiff1d(np.arange(11), rows)
+    np.testing.assert_array_equal(out[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_product_tile_reads_and_writes_different_row_lists(dtype):
+    rng = np.random.default_rng(4)
+    a, b = product_case(rng, 8, 10, 40, dtype)
+    out = np.zeros((20, 50), dtype)
+    a_rows, out_rows = np.array([7, 1, 3]), np.array([0, 19, 5])
+    panels = gemm.packed(b, "test")
+
+    @njit
+    def tile(a, a_rows, out_rows, panels, out):
+        # Columns 16.. of b into columns 3 + 16.. of out.
+        gemm.product_tile(a, a_rows, out_rows, 0, 3, panels, 0, 10, 16, 40, out, 3, False)
+
+    tile(a, a_rows, out_rows, panels, out)
+    expected = np.zeros_like(out, dtype=np.float64)
+    expected[out_rows, 19:43] = (a.astype(np.float64) @ b)[a_rows, 16:40]
+    assert_product_close(out, expected, 10, dtype)
+
+
+def test_transposed_copies_exactly():
+    matrix = np.random.default_rng(5).standard_normal((70, 33))
+    np.testing.assert_array_equal(gemm.transposed(matrix, "test"), matrix.T)
+
+
+def test_workspace_is_reused_and_released():
+    clear_workspace()
+    first = gemm.WORKSPACE.empty("test", (10, 10), np.float64)
+    assert first.ctypes.data % gemm.PANEL_ALIGNMENT == 0
+    again = gemm.WORKSPACE.empty("test", (5, 3), np.float32)
+    assert np.shares_memory(first, again)
+    assert clear_workspace() > 0 and clear_workspace() == 0
+
+
+@njit(error_model="numpy")
+def _activations(z, exp_out, sigmoid_out, tanh_out):
+    for i in range(z.shape[0]):
+        exp_out[i] = cell.exp_nonpositive(-abs(z[i]))
+        sigmoid_out[i] = cell.sigmoid(z[i])
+        tanh_out[i] = cell.tanh(z[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vectorizable_activations_are_accurate(dtype):
+    z = np.concatenate([np.linspace(-87, 87, 100_001), np.linspace(-1e-3, 1e-3, 10_001),
+                        np.random.default_rng(6).standard_normal(10_000),
+                        [0.0, -0.0, 1e-30, -1e-30, 1e-45]]).astype(dtype)
+    outputs = [np.empty_like(z) for _ in range(3)]
+    _activations(z, *outputs)
+    exact = z.astype(np.float64)
+    expected = [np.exp(-np.abs(exact)), 1 / (1 + np.exp(-exact)), np.tanh(exact)]
+    for name, actual, wanted in zip(["exp", "sigmoid", "tanh"], outputs, expected):
+        wanted = wanted.astype(dtype).astype(np.float64)
+        relative = np.abs(actual - wanted) / np.maximum(np.abs(wanted), np.finfo(dtype).tiny)
+        assert relative.max() <= ULPS * np.finfo(dtype).eps, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activations_saturate_and_propagate_nan(dtype):
+    z = np.array([np.inf, -np.inf, np.nan, 1e4, -1e4, 800, -800], dtype)
+    exp_out, sigmoid_out, tanh_out = (np.empty_like(z) for _ in range(3))
+    _activations(z, exp_out, sigmoid_out, tanh_out)
+    np.testing.assert_array_equal(sigmoid_out, [1, 0, np.nan, 1, 0, 1, 0])
+    np.testing.assert_array_equal(tanh_out, [1, -1, np.nan, 1, -1, 1, -1])
+    np.testing.assert_array_equal(exp_out, [0, 0, np.nan, 0, 0, 0, 0])
+
+
+def test_results_never_alias_the_workspace():
+    rng = np.random.default_rng(7)
+    params = nblstm.LSTMParams.init(6, 5, dtype=np.float32, rng=rng)
+    x = rng.standard_normal((4, 3, 6)).astype(np.float32)
+    dy = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    y, _, cache = nblstm.forward(x, params, backend="cpu")
+    grads = nblstm.backward(cache, dy)
+    fields = ["dx", "dh0", "dc0", "dW_x", "dW_h", "db"]
+    results = [y] + [getattr(grads, name) for name in fields]
+    kept = [array.copy() for array in results]
+    nblstm.forward(2 * x, params, backend="cpu", training=False)
+    nblstm.backward(nblstm.forward(-x, params, backend="cpu")[2], 3 * dy)
+    for before, after in zip(kept, results):
+        np.testing.assert_array_equal(before, after)
