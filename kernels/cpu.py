@@ -28,8 +28,17 @@ import numpy as np
 from numba import njit, prange
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
-from .gemm import (WORKSPACE, block_columns, empty_panels, matmul, pack_panels, packed,
-                   panel_shape, product_tile, transposed)
+from .gemm import (
+    WORKSPACE,
+    block_columns,
+    empty_panels,
+    matmul,
+    pack_panels,
+    packed,
+    panel_shape,
+    product_tile,
+    transposed,
+)
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 #: A multiple of the products' block width, so tiles start on panel edges.
@@ -40,6 +49,7 @@ ROWS_PER_TILE = 16
 #: ZeroDivisionError branch), which is what lets the loop over units vectorize.
 CELL_ERROR_MODEL = "numpy"
 assert UNITS_PER_TILE % block_columns(np.dtype(np.float32)) == 0, "tiles start on panel edges"
+
 
 @njit(inline="always")
 def _list_running(step, lengths, batch, running, gate_rows, next_rows):
@@ -84,7 +94,7 @@ def _tile_bounds(tile, n_row_tiles, n_unit_tiles, n_rows, hidden):
 # UNITS_PER_TILE values per quantity at a constant offset. LLVM can then prove
 # the loop over units free of cross-iteration dependences and vectorize it;
 # on the arrays themselves the gates sit H apart, H unknown at compile time.
-_PRE, _C_PREV, _DH, _DC = 0, N_GATES, N_GATES + 1, N_GATES + 2
+_C_PREV, _DH, _DC = N_GATES, N_GATES + 1, N_GATES + 2
 #: Segments of a scratch row: 4 gates, c_{t-1} (then c_t), h_t or dh, dc.
 SCRATCH_SEGMENTS = N_GATES + 3
 
@@ -192,7 +202,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
                    time; or (D, 0, B, H) to save nothing (inference)
     Direction 1, when present, runs in reverse.
     """
-    n_dirs, _, four_hidden = gates.shape
+    n_dirs = gates.shape[0]
     batch, hidden = h_ring.shape[2], h_ring.shape[3]
     steps = y.shape[0]
     save = hidden_states.shape[1] > 0
@@ -213,17 +223,19 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
             for n in range(row_lo, row_hi):
                 r, gate_row = running[n], gate_rows[d, n]
                 t = gate_row // batch
+                c_prev = c_ring[d, prev, r, unit_lo:unit_hi]
                 _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                _copy(c_ring[d, prev, r, unit_lo:unit_hi], _segment(row_scratch, _C_PREV, n_units))
+                _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
                 _forward_units(row_scratch, n_units)
                 _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                _copy(_segment(row_scratch, _C_PREV, n_units), c_ring[d, 1 - prev, r, unit_lo:unit_hi])
+                c_t = _segment(row_scratch, _C_PREV, n_units)
                 h_t = _segment(row_scratch, _DH, n_units)
+                _copy(c_t, c_ring[d, 1 - prev, r, unit_lo:unit_hi])
                 _copy(h_t, h_ring[d, 1 - prev, r, unit_lo:unit_hi])
                 _copy(h_t, y[t, r, d * hidden + unit_lo:d * hidden + unit_hi])
                 if save:
                     _copy(h_prev[r, unit_lo:unit_hi], hidden_states[d, t, r, unit_lo:unit_hi])
-                    _copy(c_ring[d, prev, r, unit_lo:unit_hi], cell_states[d, t, r, unit_lo:unit_hi])
+                    _copy(c_prev, cell_states[d, t, r, unit_lo:unit_hi])
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL)
@@ -242,7 +254,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
     dc_carry:    (D, B, H) in: dc_n; out: dc0
     dh_step:     (D, B, H) scratch: gradient reaching h at the current step
     dh0:         (D, B, H) in: dh_n (kept for rows of length 0); out: dh0
-    d_gates:     (D, T * B, 4H) out at valid times; zero on entry (padding stays so)
+    d_gates:     (D, T * B, 4H) out at valid times; padding rows zero on entry
     """
     n_dirs, _, four_hidden = gates.shape
     batch, hidden = dh_n.shape[1], dh_n.shape[2]
@@ -273,11 +285,12 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
                 if has_dy:
                     _add(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
                 _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                dc = dc_carry[d, r, unit_lo:unit_hi]
                 _copy(cell_states[d, t, r, unit_lo:unit_hi], _segment(row_scratch, _C_PREV, n_units))
-                _copy(dc_carry[d, r, unit_lo:unit_hi], _segment(row_scratch, _DC, n_units))
+                _copy(dc, _segment(row_scratch, _DC, n_units))
                 _backward_units(row_scratch, n_units)
                 _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
-                _copy(_segment(row_scratch, _DC, n_units), dc_carry[d, r, unit_lo:unit_hi])
+                _copy(_segment(row_scratch, _DC, n_units), dc)
 
 
 def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
@@ -375,8 +388,7 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     flat_shape = (n_dirs, steps * batch, four_hidden)
     backward_loop(gates.reshape(flat_shape), cell_states[:, :steps], w_h_t_panels, lengths,
                   *_row_lists(n_dirs, batch), _scratch(n_dirs, batch, hidden, x.dtype), dy, dh_n,
-                  dc, np.empty_like(dh0), dh0,
-                  d_gates.reshape(flat_shape))
+                  dc, np.empty_like(dh0), dh0, d_gates.reshape(flat_shape))
     rows = valid_rows(lengths, steps)
     # The weight gradients sum over the valid (time, row) pairs only.
     x_valid_t = transposed(_valid_pairs(x.reshape(steps * batch, inputs), rows), "x_t")

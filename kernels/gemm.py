@@ -11,19 +11,20 @@ Numba's loop vectorizer only vectorizes innermost loops and would keep the
 accumulators in memory. The vector width follows the host CPU
 (AVX-512, AVX or SSE); LLVM lowers it on any target.
 
-Everything else (tiling, threads, the time loops) is ordinary Numba code in
-:mod:`.cpu`. Every output element is one register's lane, summed over ``k``
-in increasing order, so results do not depend on tiling or thread count.
-
-Layout contract (checked by the callers, not here): ``b`` and ``out`` are
-contiguous along their last axis; ``a`` may have any strides.
+``b`` is first packed into panels (one contiguous (K, W) slab per block of W
+columns), as BLAS kernels do, so the block streams it sequentially; ``a`` is
+read in place (fastest along its rows) and ``out`` must be contiguous along
+its last axis. Packed panels and other large temporaries come from a
+per-thread :class:`Workspace`. Tiling, threads and the time loops are ordinary
+Numba code here and in :mod:`.cpu`. Every output element is one register's
+lane, summed in an order fixed by the shapes (never by the thread count), so
+results are bit-identical across reruns and thread counts.
 """
 import threading
 from functools import partial
 
-import numpy as np
-
 import llvmlite.binding as llvm
+import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -139,8 +140,8 @@ def _array_parts(context, builder, array_type, value):
 def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, masks, n_sets):
     """The loop over k; returns the accumulators, [row][vector].
 
-    a_rows: pointers to ``a[r, 0]`` of each row; b_start: pointer to
-    ``b[0, col]``. ``n_sets`` interleaved sets of accumulators take k, k+1, ...
+    a_rows: pointers to ``a[r, 0]`` of each row; b_start: pointer to the
+    panel's first row (row k at ``b_start + k * b_k_stride`` bytes). ``n_sets`` interleaved sets of accumulators take k, k+1, ...
     in turn (set s every k = k_lo + s mod n_sets, in increasing k) and are
     added in set order at the end, so blocks of few rows still have enough
     independent FMA chains. A loop unrolled K_UNROLL times runs first, then
@@ -227,8 +228,8 @@ def _phi(builder, llvm_type, value, block):
 
 def _emit_block(n_rows, context, builder, signature, args):
     """IR of one register block (see :func:`_make_block`)."""
-    a_type, a_rows_type, out_rows_type, _, b_type, _, _, _, _, out_type, _ = signature.args
-    a, a_rows_array, out_rows_array, first, b, k_lo, k_hi, col, n_cols, out, accumulate = [
+    a_type, a_rows_type, out_rows_type, _, panel_type, _, _, _, _, out_type, _ = signature.args
+    a, a_rows_array, out_rows_array, first, panel, k_lo, k_hi, col, n_cols, out, _ = [
         context.cast(builder, value, value_type, types.int64)
         if isinstance(value_type, types.Integer) else value
         for value, value_type in zip(args, signature.args)]
@@ -237,7 +238,7 @@ def _emit_block(n_rows, context, builder, signature, args):
     i64 = emit.i64
     itemsize = ir.Constant(i64, emit.itemsize)
     a_data, (a_row_stride, a_k_stride) = _array_parts(context, builder, a_type, a)
-    b_data, (b_k_stride, _) = _array_parts(context, builder, b_type, b)
+    panel_data, (panel_k_stride, _) = _array_parts(context, builder, panel_type, panel)
     out_data, (out_row_stride, _) = _array_parts(context, builder, out_type, out)
 
     def row_indices(array, array_type):
@@ -252,20 +253,21 @@ def _emit_block(n_rows, context, builder, signature, args):
     col_bytes = builder.mul(col, itemsize)
     out_rows = [emit.offset(out_data, builder.add(builder.mul(row, out_row_stride), col_bytes),
                             emit.element) for row in row_indices(out_rows_array, out_rows_type)]
-    b_start = b_data
     n_sets = max(1, MIN_CHAINS // (n_rows * BLOCK_VECTORS))
-    full = builder.icmp_signed("==", n_cols,
-                               ir.Constant(i64, BLOCK_VECTORS * emit.lanes))
+
+    def block(masks):
+        sums = _emit_k_loop(emit, a_rows, a_k_stride, panel_data, panel_k_stride, k_lo, k_hi,
+                            masks, n_sets)
+        _emit_store(emit, sums, out_rows, masks, accumulate)
+
+    # Full blocks load and store whole vectors; the last block of a row may be
+    # narrower and masks its lanes.
+    full = builder.icmp_signed("==", n_cols, ir.Constant(i64, BLOCK_VECTORS * emit.lanes))
     with builder.if_else(full) as (full_block, partial_block):
-        for masks, branch in (([None] * BLOCK_VECTORS, full_block),
-                              (None, partial_block)):
-            with branch:
-                if masks is None:
-                    masks = [emit.lane_mask(n_cols, v * emit.lanes)
-                             for v in range(BLOCK_VECTORS)]
-                sums = _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi,
-                                    masks, n_sets)
-                _emit_store(emit, sums, out_rows, masks, accumulate)
+        with full_block:
+            block([None] * BLOCK_VECTORS)
+        with partial_block:
+            block([emit.lane_mask(n_cols, v * emit.lanes) for v in range(BLOCK_VECTORS)])
     return context.get_dummy_value()
 
 
@@ -300,9 +302,9 @@ def _make_block(n_rows):
     W = block_columns; out: (S, N) float; n_cols <= W.
     """
     @intrinsic
-    def block(typingctx, a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out,
+    def block(typingctx, a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out,
               accumulate):
-        arrays = (a, b, out)
+        arrays = (a, panel, out)
         if not all(isinstance(array, types.Array) and array.ndim == 2
                    and array.dtype == a.dtype for array in arrays):
             return None
@@ -310,7 +312,7 @@ def _make_block(n_rows):
                 isinstance(rows, types.Array) and rows.ndim == 1 and isinstance(
                     rows.dtype, types.Integer) for rows in (a_rows, out_rows)):
             return None
-        signature = types.void(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out,
+        signature = types.void(a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out,
                                accumulate)
         return signature, partial(_emit_block, n_rows)
     return block
@@ -322,21 +324,21 @@ assert BLOCK_ROWS == 6, "the dispatch in register_block covers six block heights
 
 
 @njit(inline="always")
-def register_block(count, a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out,
+def register_block(count, a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out,
                    accumulate):
     """One block of ``count`` (1..BLOCK_ROWS) rows: see :func:`_make_block`."""
     if count == 6:
-        _block_6(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_6(a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)
     elif count == 5:
-        _block_5(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_5(a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)
     elif count == 4:
-        _block_4(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_4(a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)
     elif count == 3:
-        _block_3(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_3(a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)
     elif count == 2:
-        _block_2(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_2(a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)
     else:
-        _block_1(a, a_rows, out_rows, first, b, k_lo, k_hi, col, n_cols, out, accumulate)
+        _block_1(a, a_rows, out_rows, first, panel, k_lo, k_hi, col, n_cols, out, accumulate)
 
 
 @njit(inline="always")

@@ -58,19 +58,22 @@ def test_matmul_touches_only_listed_rows_and_reads_a_transposed_panel(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_product_tile_reads_and_writes_different_row_lists(dtype):
     rng = np.random.default_rng(4)
-    a, b = product_case(rng, 8, 10, 40, dtype)
-    out = np.zeros((20, 50), dtype)
+    width = gemm.block_columns(np.dtype(dtype))
+    n_cols = 2 * width + 8
+    a, b = product_case(rng, 8, 10, n_cols, dtype)
+    out = np.zeros((20, n_cols + 10), dtype)
     a_rows, out_rows = np.array([7, 1, 3]), np.array([0, 19, 5])
     panels = gemm.packed(b, "test")
 
     @njit
     def tile(a, a_rows, out_rows, panels, out):
-        # Columns 16.. of b into columns 3 + 16.. of out.
-        gemm.product_tile(a, a_rows, out_rows, 0, 3, panels, 0, 10, 16, 40, out, 3, False)
+        # Columns width.. of b (starting on a panel edge) into columns 3 + width.. of out.
+        gemm.product_tile(a, a_rows, out_rows, 0, 3, panels, 0, 10, width, n_cols, out, 3,
+                          False)
 
     tile(a, a_rows, out_rows, panels, out)
     expected = np.zeros_like(out, dtype=np.float64)
-    expected[out_rows, 19:43] = (a.astype(np.float64) @ b)[a_rows, 16:40]
+    expected[out_rows, 3 + width:3 + n_cols] = (a.astype(np.float64) @ b)[a_rows, width:]
     assert_product_close(out, expected, 10, dtype)
 
 
