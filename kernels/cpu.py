@@ -33,6 +33,7 @@ from .gemm import (
     block_columns,
     empty_panels,
     matmul,
+    pack_gate_panels,
     pack_panels,
     packed,
     panel_shape,
@@ -320,9 +321,7 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     h_ring[:, 0], c_ring[:, 0] = h0, c0
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
                               x.dtype, "w_h")
-    for d in range(n_dirs):
-        for gate in range(N_GATES):
-            pack_panels(w_h[d], False, gate * hidden, hidden, w_h_panels[d, gate])
+    pack_gate_panels(np.ascontiguousarray(w_h), w_h_panels)
     forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *_row_lists(n_dirs, batch),
                  _scratch(n_dirs, batch, hidden, x.dtype), y, hidden_states[:, :steps],
                  cell_states[:, :steps])

@@ -5,6 +5,7 @@ alternately (interleaved pairs) and the reported speedup is the median of the
 per-pair ratios, so drifts in clock speed or background load hit both alike.
 """
 import json
+import math
 import statistics
 import sys
 import time
@@ -29,10 +30,14 @@ PAIRS = 5
 #: The forward-and-backward flop count is this multiple of the forward's.
 BACKWARD_FACTOR = 3
 MODES = ("fwd", "fwdbwd")
-#: Pause before each timed call, so that the thread pool of the contender that
-#: ran before (OpenMP, OpenBLAS) has stopped spinning and each run starts on
-#: an idle machine.
+#: Pause before each timed sample, so that the thread pool of the contender
+#: that ran before (OpenMP, OpenBLAS) has stopped spinning.
 SETTLE_SECONDS = 0.05
+#: Shortest timed sample: calls shorter than this are repeated within one
+#: sample and averaged, so that a sample measures steady-state calls and not
+#: the millisecond it takes an idle machine (a VM's halted vCPU, parked pool
+#: threads) to wake up after the pause.
+MIN_SAMPLE_SECONDS = 0.1
 DTYPE_TAGS = {"f32": np.float32, "f64": np.float64}
 
 
@@ -146,32 +151,46 @@ def numpy_runner(point, seed=0):
     return nblstm_runner(point, "numpy", seed)
 
 
-def _timed(function):
-    time.sleep(SETTLE_SECONDS)
+def _calls_per_sample(function):
+    """Calls per timed sample of ``function``: enough to fill MIN_SAMPLE_SECONDS,
+    at least one. Calls it twice: a warm-up (which may compile), then a timed call."""
+    function()
     start = time.perf_counter()
     function()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return max(1, math.ceil(MIN_SAMPLE_SECONDS / max(seconds, 1e-9)))
+
+
+def _timed(function, calls):
+    """Mean seconds per call over ``calls`` timed calls, after a pause and one
+    untimed call that wakes the machine and the thread pools up."""
+    time.sleep(SETTLE_SECONDS)
+    function()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter() - start) / calls
 
 
 def compare(ours, peer, pairs=PAIRS):
-    """Median seconds of ``ours`` and ``peer`` and the median per-pair speedup peer/ours.
+    """Median seconds per call of ``ours`` and ``peer`` and the median per-pair speedup
+    peer/ours.
 
-    Both are called once to warm up, then alternately ``pairs`` times.
+    Both are warmed up, then timed alternately ``pairs`` times (see :func:`_timed`).
     """
-    ours()
-    peer()
+    ours_calls, peer_calls = _calls_per_sample(ours), _calls_per_sample(peer)
     ours_times, peer_times = [], []
     for _ in range(pairs):
-        ours_times.append(_timed(ours))
-        peer_times.append(_timed(peer))
+        ours_times.append(_timed(ours, ours_calls))
+        peer_times.append(_timed(peer, peer_calls))
     ratios = [p / o for o, p in zip(ours_times, peer_times)]
     return statistics.median(ours_times), statistics.median(peer_times), statistics.median(ratios)
 
 
 def median_time(function, repeats=PAIRS):
-    """Median seconds of ``function`` after one warm-up call."""
-    function()
-    return statistics.median(_timed(function) for _ in range(repeats))
+    """Median seconds per call of ``function`` over ``repeats`` samples (see :func:`_timed`)."""
+    calls = _calls_per_sample(function)
+    return statistics.median(_timed(function, calls) for _ in range(repeats))
 
 
 def gemm_rate(dtype, edge=GEMM_EDGE):
@@ -179,7 +198,7 @@ def gemm_rate(dtype, edge=GEMM_EDGE):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((edge, edge)).astype(dtype)
     b = rng.standard_normal((edge, edge)).astype(dtype)
-    seconds = min(_timed(lambda: a @ b) for _ in range(3))
+    seconds = min(_timed(lambda: a @ b, 1) for _ in range(3))
     return 2 * edge ** 3 / seconds / 1e9
 
 
