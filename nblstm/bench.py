@@ -67,11 +67,12 @@ class Point:
         return f"{backend}-{self.mode}-{self.dtype}-H{self.hidden}-B{self.batch}"
 
 
-def grid(quick=False, steps=STEPS, hidden_sizes=None, batch_sizes=None):
-    """Every :class:`Point` of the (quick or full) grid, both dtypes and modes."""
+def grid(quick=False, steps=STEPS, hidden_sizes=None, batch_sizes=None, dtypes=None):
+    """Every :class:`Point` of the (quick or full) grid, in both modes, for ``dtypes``
+    (tags, default both)."""
     hidden_sizes = hidden_sizes or (QUICK_HIDDEN_SIZES if quick else HIDDEN_SIZES)
     batch_sizes = batch_sizes or (QUICK_BATCH_SIZES if quick else BATCH_SIZES)
-    return [Point(steps, batch, hidden, dtype, mode) for dtype in DTYPE_TAGS
+    return [Point(steps, batch, hidden, dtype, mode) for dtype in (dtypes or DTYPE_TAGS)
             for hidden in hidden_sizes for batch in batch_sizes for mode in MODES]
 
 
@@ -314,12 +315,13 @@ def run(args):
         print("\n".join(sequence_report(args.pairs, args.steps)))
         return 0
     points = grid(quick=args.quick, steps=args.steps, hidden_sizes=args.hidden,
-                  batch_sizes=args.batch)
+                  batch_sizes=args.batch, dtypes=args.dtype)
     rates = {tag: gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()}
     rows = []
     for done, point in enumerate(points):
         _progress(done, len(points), point.name(args.backend))
-        rows.append(measure(point, args.backend, args.pairs, rates[point.dtype]))
+        rows.append(measure(point, args.backend, args.pairs, rates[point.dtype],
+                            with_numpy=args.numpy))
     _progress(len(points), len(points), "done")
     sys.stderr.write("\n")
     if args.json:

@@ -43,6 +43,10 @@ def main(argv=None):
     timing.add_argument("--pairs", type=int, default=5,
                         help="interleaved timing pairs per point (default: 5)")
     timing.add_argument("--steps", type=int, default=100, help="sequence length T (default: 100)")
+    timing.add_argument("--dtype", choices=("f32", "f64"), nargs="+",
+                        help="dtypes to time (default: both)")
+    timing.add_argument("--no-numpy", dest="numpy", action="store_false",
+                        help="skip the comparison with the NumPy reference (slow at large sizes)")
     timing.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (I = H)")
     timing.add_argument("--batch", type=int, nargs="+", help="batch sizes")
     args = parser.parse_args(argv)

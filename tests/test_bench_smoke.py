@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nblstm import bench
 from nblstm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,3 +34,19 @@ def test_bench_sequences_report(capsys):
     for mode in ("fwd", "fwdbwd"):
         assert f"{mode}: bidirectional / unidirectional" in out
         assert f"{mode}: lengths U[0,T]" in out
+
+
+def test_bench_command_selects_dtypes_and_skips_the_reference(capsys):
+    assert main(["bench", "--steps", "2", "--hidden", "8", "--batch", "1", "--pairs", "1",
+                 "--dtype", "f64", "--no-numpy", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [row["point"] for row in rows] == ["cpu-fwd-f64-H8-B1", "cpu-fwdbwd-f64-H8-B1"]
+    assert all(row["ms"] > 0 and row["speedup_vs_numpy"] != row["speedup_vs_numpy"]
+               for row in rows)
+
+
+def test_timed_samples_repeat_short_calls():
+    calls = []
+    assert bench.median_time(lambda: calls.append(1), repeats=2) < bench.MIN_SAMPLE_SECONDS
+    # One warm-up, one calibration call, then per sample a wake-up call and many timed calls.
+    assert len(calls) > 2 * 100
