@@ -287,7 +287,8 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
                     _add(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
                 _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
                 dc = dc_carry[d, r, unit_lo:unit_hi]
-                _copy(cell_states[d, t, r, unit_lo:unit_hi], _segment(row_scratch, _C_PREV, n_units))
+                c_prev = cell_states[d, t, r, unit_lo:unit_hi]
+                _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
                 _copy(dc, _segment(row_scratch, _DC, n_units))
                 _backward_units(row_scratch, n_units)
                 _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)

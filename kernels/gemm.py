@@ -21,7 +21,6 @@ lane, summed in an order fixed by the shapes (never by the thread count), so
 results are bit-identical across reruns and thread counts.
 """
 import threading
-from functools import partial
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -150,10 +149,11 @@ def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, mask
     """The loop over k; returns the accumulators, [row][vector].
 
     a_rows: pointers to ``a[r, 0]`` of each row; b_start: pointer to the
-    panel's first row (row k at ``b_start + k * b_k_stride`` bytes). ``n_sets`` interleaved sets of accumulators take k, k+1, ...
-    in turn (set s every k = k_lo + s mod n_sets, in increasing k) and are
-    added in set order at the end, so blocks of few rows still have enough
-    independent FMA chains. A loop unrolled K_UNROLL times runs first, then
+    panel's first row (row k at ``b_start + k * b_k_stride`` bytes).
+    ``n_sets`` interleaved sets of accumulators take k, k+1, ... in turn
+    (set s every k = k_lo + s mod n_sets, in increasing k) and are added in
+    set order at the end, so blocks of few rows still have enough independent
+    FMA chains. A loop unrolled K_UNROLL times runs first, then
     one round per iteration, then the last fewer-than-n_sets values: the
     unrolling changes no sum.
     """
