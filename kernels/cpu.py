@@ -192,7 +192,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
     gates:         (D, T * B, 4H) in: ``x_t @ W_x + b`` at row ``t * B + b``;
                    out: post-activation gates at valid times (padding untouched)
     w_h_panels:    (D, 4, ceil(H / W), H, W) each direction's W_h, gate by gate
-                   (columns g*H ...), packed by :func:`.gemm.pack_panels`
+                   (columns g*H ...), packed by :func:`.gemm.pack_gate_panels`
     h_ring, c_ring:(D, 2, B, H) slot 0 holds h0/c0 on entry; row b's final state
                    is in slot ``lengths[b] % 2`` on exit
     lengths:       (B,) int64, 0 <= lengths[b] <= T

@@ -1,6 +1,7 @@
 """Command line: ``python -m nblstm [verify | bench] ...`` (``verify`` is the default)."""
 import argparse
 
+from . import bench
 from ._availability import available_backends
 from .verify import verify
 
@@ -40,10 +41,11 @@ def main(argv=None):
     timing.add_argument("--plot", metavar="FILE.png", help="draw speedup vs batch size "
                                                            "(needs matplotlib)")
     timing.add_argument("--backend", default="cpu", help="backend to time (default: cpu)")
-    timing.add_argument("--pairs", type=int, default=5,
-                        help="interleaved timing pairs per point (default: 5)")
-    timing.add_argument("--steps", type=int, default=100, help="sequence length T (default: 100)")
-    timing.add_argument("--dtype", choices=("f32", "f64"), nargs="+",
+    timing.add_argument("--pairs", type=int, default=bench.PAIRS,
+                        help=f"interleaved timing pairs per point (default: {bench.PAIRS})")
+    timing.add_argument("--steps", type=int, default=bench.STEPS,
+                        help=f"sequence length T (default: {bench.STEPS})")
+    timing.add_argument("--dtype", choices=tuple(bench.DTYPE_TAGS), nargs="+",
                         help="dtypes to time (default: both)")
     timing.add_argument("--no-numpy", dest="numpy", action="store_false",
                         help="skip the comparison with the NumPy reference (slow at large sizes)")
@@ -51,8 +53,6 @@ def main(argv=None):
     timing.add_argument("--batch", type=int, nargs="+", help="batch sizes")
     args = parser.parse_args(argv)
     if args.command == "bench":
-        from . import bench
-
         return bench.run(args)
     if args.command is None:
         args = check.parse_args([])
