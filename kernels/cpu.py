@@ -29,6 +29,7 @@ from numba import njit, prange
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
 from .gemm import (
+    BLOCK_ROWS,
     WORKSPACE,
     block_columns,
     empty_panels,
@@ -43,13 +44,14 @@ from .gemm import (
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 #: A multiple of the products' block width, so tiles start on panel edges.
-UNITS_PER_TILE = 32
-#: Batch rows per tile.
-ROWS_PER_TILE = 16
+UNITS_PER_TILE = 64
+#: Batch rows per tile: a multiple of the products' block height.
+ROWS_PER_TILE = 24
 #: Divisions in the cell math go unchecked (IEEE results instead of a
 #: ZeroDivisionError branch), which is what lets the loop over units vectorize.
 CELL_ERROR_MODEL = "numpy"
 assert UNITS_PER_TILE % block_columns(np.dtype(np.float32)) == 0, "tiles start on panel edges"
+assert ROWS_PER_TILE % BLOCK_ROWS == 0, "tiles hold whole register blocks"
 
 
 @njit(inline="always")
@@ -190,7 +192,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
     """Run the recurrence of every direction over all steps.
 
     gates:         (D, T * B, 4H) in: ``x_t @ W_x + b`` at row ``t * B + b``;
-                   out: post-activation gates at valid times (padding untouched)
+                   out, when saving: post-activation gates at valid times (padding
+                   untouched); inference leaves it as it is
     w_h_panels:    (D, 4, ceil(H / W), H, W) each direction's W_h, gate by gate
                    (columns g*H ...), packed by :func:`.gemm.pack_gate_panels`
     h_ring, c_ring:(D, 2, B, H) slot 0 holds h0/c0 on entry; row b's final state
@@ -228,7 +231,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
                 _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
                 _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
                 _forward_units(row_scratch, n_units)
-                _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                if save:
+                    _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
                 c_t = _segment(row_scratch, _C_PREV, n_units)
                 h_t = _segment(row_scratch, _DH, n_units)
                 _copy(c_t, c_ring[d, 1 - prev, r, unit_lo:unit_hi])

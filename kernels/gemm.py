@@ -29,8 +29,6 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-#: SIMD vectors of columns per register block: each is one load of ``b`` per k.
-BLOCK_VECTORS = 2
 #: Rounds of k per iteration of the main loop over k (fewer branches and
 #: index updates per multiply-add; the sums are the same).
 K_UNROLL = 4
@@ -55,11 +53,17 @@ VECTOR_BYTES = _host_vector_bytes()
 WIDE_REGISTERS = 32
 NARROW_REGISTERS = 16
 #: Rows of ``a`` (and ``out``) per register block: each is one broadcast per
+#: k, from its own row pointer. Six row pointers, the panel pointer and the
+#: loop's indices fit the 15 general registers of x86-64; twelve did not, and
+#: the spilled pointers cost a stack load per broadcast.
+BLOCK_ROWS = 6
+#: SIMD vectors of columns per register block: each is one load of ``b`` per
 #: k. The block's BLOCK_ROWS * BLOCK_VECTORS accumulators, the loaded vectors
-#: of ``b`` and one broadcast must fit the vector registers: 12 rows (27
-#: registers) with AVX-512, 6 rows (15) with AVX/SSE. Measured on a 2-core
-#: AVX-512 machine, 12 rows ran the 2048^3 f32 product about 5 % faster than 6.
-BLOCK_ROWS = 12 if VECTOR_BYTES == 64 else 6
+#: of ``b`` and one broadcast must fit the vector registers: 4 vectors (29 of
+#: 32 registers) with AVX-512, 2 (15 of 16) with AVX/SSE. Measured on a 2-core
+#: AVX-512 machine, 6 x 4 blocks ran the 2048^3 f32 product at 285-294 GFLOP/s
+#: where 12 x 2 blocks (pointers spilled) ran it at 250-270.
+BLOCK_VECTORS = 4 if VECTOR_BYTES == 64 else 2
 assert BLOCK_ROWS * BLOCK_VECTORS + BLOCK_VECTORS + 1 <= (
     WIDE_REGISTERS if VECTOR_BYTES == 64 else NARROW_REGISTERS), "the block fits the registers"
 
