@@ -8,7 +8,9 @@ a ``@cuda.jit`` kernel calls it. Constants are typed to the argument
 Gate order along the 4H axis is ``i, f, g, o``.
 """
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 #: Number of gates stacked along the 4H axis, in the order i, f, g, o.
 N_GATES = 4
@@ -17,8 +19,6 @@ N_GATES = 4
 #: exp(x) is taken as 0 below this: exp(-87.3) ~ 1.2e-38 is the smallest
 #: normal float32; float64 values below it are lost (absolute error < 1e-38).
 EXP_FLOOR = -87.3
-#: Bits of n in 2**-n: n <= -EXP_FLOOR * log2(e) < 2**EXP_SCALE_BITS.
-EXP_SCALE_BITS = 7
 LOG2_E = 1.4426950408889634
 #: ln 2 split in two (Cody and Waite): n * LN2_HIGH is exact for n < 2**8 in
 #: float32 and float64; LN2_LOW carries the rest.
@@ -41,15 +41,44 @@ def _expm1_terms(x):
     return EXPM1_TERMS_SINGLE if single else EXPM1_TERMS_DOUBLE
 
 
+#: IEEE 754 layout per float width: (mantissa bits, exponent bias).
+_FLOAT_LAYOUT = {32: (23, 127), 64: (52, 1023)}
+
+
+@intrinsic
+def power_of_two(typingctx, exponent, like):
+    """``2.0 ** exponent`` in the float type of ``like``, for an integer exponent
+    in that type's normal range (-126..127 for float32, -1022..1023 for float64).
+
+    Writes the exponent field directly (one add, one shift, one bitcast): plain
+    LLVM IR, so it vectorizes on the CPU and compiles for CUDA alike.
+    """
+    if not isinstance(exponent, types.Integer) or not isinstance(like, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        width = like.bitwidth
+        mantissa_bits, bias = _FLOAT_LAYOUT[width]
+        integer = ir.IntType(width)
+        value = context.cast(builder, args[0], signature.args[0], types.int64)
+        if width < 64:
+            value = builder.trunc(value, integer)
+        biased = builder.add(value, ir.Constant(integer, bias))
+        bits = builder.shl(biased, ir.Constant(integer, mantissa_bits))
+        return builder.bitcast(bits, context.get_value_type(like))
+
+    return like(exponent, like), codegen
+
+
 @njit(inline="always")
 def _exp_parts(x):
     """``(q, scale)`` with ``exp(x) = (1 + q) * scale``, for x <= 0.
 
     Range reduction x = r - n ln 2 with |r| <= ln(2) / 2, q = exp(r) - 1 by
-    its Taylor series (no cancellation near 0), scale = 2**-n built by
-    multiplying exact powers of two (0 below EXP_FLOOR, so exp(-inf) = 0).
-    Only arithmetic, comparisons and one float-to-int conversion: no library
-    call and no branch, so a loop over units vectorizes on the CPU (under
+    its Taylor series (no cancellation near 0), scale = 2**-n written into
+    the exponent bits (0 below EXP_FLOOR, so exp(-inf) = 0). Only arithmetic,
+    comparisons, one float-to-int conversion and one bitcast: no library call
+    and no branch, so a loop over units vectorizes on the CPU (under
     ``error_model="numpy"``, which lets divisions go unchecked), and the same
     code compiles for CUDA. Accurate to a few units in the last place.
     """
@@ -57,7 +86,8 @@ def _exp_parts(x):
     half = type(x)(0.5)
     below_floor = x < type(x)(EXP_FLOOR)
     x = type(x)(EXP_FLOOR) if below_floor else x
-    n = type(x)(np.int32(half - x * type(x)(LOG2_E)))
+    n_whole = np.int32(half - x * type(x)(LOG2_E))
+    n = type(x)(n_whole)
     r = (x + n * type(x)(LN2_HIGH)) + n * type(x)(LN2_LOW)
     n_terms = _expm1_terms(x)
     coefficient = one
@@ -69,27 +99,8 @@ def _exp_parts(x):
         coefficient *= type(x)(term)
         q = q * r + coefficient
     q *= r
-    # 2**-n from the bits of n, highest first, in float arithmetic only.
-    scale = one
-    weight = type(x)(1 << (EXP_SCALE_BITS - 1))
-    for _ in range(EXP_SCALE_BITS):
-        take = n >= weight
-        n = n - weight if take else n
-        scale = scale * _power_of_half(weight) if take else scale
-        weight *= half
+    scale = power_of_two(-n_whole, x)
     return q, type(x)(0) if below_floor else scale
-
-
-@njit(inline="always")
-def _power_of_half(weight):
-    """``0.5 ** weight`` for a whole-number weight in [1, 64], exactly."""
-    half = type(weight)(0.5)
-    power = half
-    covered = type(weight)(1)
-    while covered < weight:
-        power *= power
-        covered += covered
-    return power
 
 
 @njit(inline="always")
