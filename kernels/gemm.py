@@ -521,14 +521,25 @@ def packed(matrix, name, transposed=False):
     return panels
 
 
-#: Tile of the parallel product, in rows of ``out`` by columns; each tile is
-#: one task, and its slice of ``a`` stays in the core's cache while the
-#: columns run.
+#: Largest tile of the parallel product, in rows of ``out`` by columns; each
+#: tile is one task, and its slice of ``a`` stays in the core's cache while the
+#: columns run. Tiles are evened out below these sizes (:func:`_even_tile`).
 TILE_ROWS = 96
 TILE_COLS = 256
 #: Depth of one pass over a tile: the (depth x block columns) panel of ``b``
 #: stays in L1 while the tile's row blocks use it.
 TILE_DEPTH = 256
+
+
+@njit(inline="always")
+def _even_tile(extent, largest, multiple):
+    """Edge of the tiles that cut ``extent`` into as few pieces of at most
+    ``largest`` as possible, all about equal, rounded up to ``multiple``: 100
+    rows in tiles of at most 96 are two tiles of 54 and 46, not 96 and 4, so
+    the threads get equal work."""
+    n_pieces = max(1, (extent + largest - 1) // largest)
+    even = (extent + n_pieces - 1) // n_pieces
+    return max(multiple, (even + multiple - 1) // multiple * multiple)
 
 
 @njit(parallel=True, cache=True)
@@ -541,12 +552,14 @@ def matmul(a, panels, rows, out, accumulate, bias):
     sums over k in increasing order, whatever the tiling or thread count.
     """
     n_rows, n_cols, depth = rows.shape[0], out.shape[1], a.shape[1]
-    n_col_tiles = (n_cols + TILE_COLS - 1) // TILE_COLS
-    n_tiles = ((n_rows + TILE_ROWS - 1) // TILE_ROWS) * n_col_tiles
+    tile_rows = _even_tile(n_rows, TILE_ROWS, BLOCK_ROWS)
+    tile_cols = _even_tile(n_cols, TILE_COLS, panels.shape[2])
+    n_col_tiles = (n_cols + tile_cols - 1) // tile_cols
+    n_tiles = ((n_rows + tile_rows - 1) // tile_rows) * n_col_tiles
     for tile in prange(n_tiles):
-        row_lo = (tile // n_col_tiles) * TILE_ROWS
-        col_lo = (tile % n_col_tiles) * TILE_COLS
-        row_hi, col_hi = min(row_lo + TILE_ROWS, n_rows), min(col_lo + TILE_COLS, n_cols)
+        row_lo = (tile // n_col_tiles) * tile_rows
+        col_lo = (tile % n_col_tiles) * tile_cols
+        row_hi, col_hi = min(row_lo + tile_rows, n_rows), min(col_lo + tile_cols, n_cols)
         for k_lo in range(0, max(depth, 1), TILE_DEPTH):
             product_tile(a, rows, rows, row_lo, row_hi, panels, k_lo, min(k_lo + TILE_DEPTH, depth),
                          col_lo, col_hi, out, 0, accumulate or k_lo > 0)
