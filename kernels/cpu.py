@@ -24,6 +24,7 @@ order, so results are bit-identical across reruns and thread counts.
 The callers (``nblstm``) validate and allocate; these functions only compute
 into the buffers they are given.
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -41,6 +42,7 @@ from .gemm import (
     product_tile,
     transposed,
 )
+from .sync import SLOT_STRIDE, claim, finish, wait_until_done
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 #: A multiple of the products' block width, so tiles start on panel edges.
@@ -190,9 +192,18 @@ def _scratch(n_dirs, batch, hidden, dtype):
     return np.empty((n_tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE), dtype)
 
 
+@njit(inline="always")
+def _worker_tiles(worker, n_workers, n_tiles):
+    """The first of a step's tiles that ``worker`` tries to claim; it goes on in
+    order, wrapping around. Its own share comes first (the same units every
+    step, so their W_h stays in its core's cache), then the next worker's,
+    from the start that worker is busy with, so it mostly finds them taken."""
+    return worker * n_tiles // n_workers
+
+
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
 def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows, next_rows,
-                 scratch, y, hidden_states, cell_states):
+                 claims, done, scratch, y, hidden_states, cell_states):
     """Run the recurrence of every direction over all steps.
 
     gates:         (D, T * B, 4H) in: ``x_t @ W_x + b`` at row ``t * B + b``;
@@ -203,60 +214,75 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
     h_ring, c_ring:(D, 2, B, H) slot 0 holds h0/c0 on entry; row b's final state
                    is in slot ``lengths[b] % 2`` on exit
     lengths:       (B,) int64, 0 <= lengths[b] <= T
-    running:       (B,) int64 scratch; gate_rows, next_rows: (D, B) int64 scratch
+    running, gate_rows, next_rows: (workers, B), (workers, D, B), (workers, D, B)
+                   int64 scratch, one set per worker; claims, done: from :func:`_schedule`
     scratch:       (tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
     y:             (T, B, D*H) out at valid times (direction d in columns d*H..)
     hidden_states, cell_states: (D, T, B, H) out: the state entering each valid
                    time; or (D, 0, B, H) to save nothing (inference)
-    Direction 1, when present, runs in reverse.
+    Direction 1, when present, runs in reverse. One parallel region runs all
+    steps: the workers claim a step's tiles (:mod:`.sync`) and wait for the
+    step to finish before the next.
     """
     n_dirs = gates.shape[0]
     batch, hidden = h_ring.shape[2], h_ring.shape[3]
     steps = y.shape[0]
     save = hidden_states.shape[1] > 0
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
-    for step in range(steps):
-        n_rows = _list_running(step, lengths, batch, running, gate_rows, next_rows)
-        n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
-        prev = step % 2
-        for tile in prange(n_dirs * n_row_tiles * n_unit_tiles):
-            d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_row_tiles, n_unit_tiles,
-                                                               n_rows, hidden)
-            h_prev = h_ring[d, prev]
-            for gate in range(N_GATES):
-                product_tile(h_prev, running, gate_rows[d], row_lo, row_hi, w_h_panels[d, gate],
-                             0, hidden, unit_lo, unit_hi, gates[d], gate * hidden, True)
-            row_scratch = scratch[tile]
-            n_units = unit_hi - unit_lo
-            for n in range(row_lo, row_hi):
-                r, gate_row = running[n], gate_rows[d, n]
-                t = gate_row // batch
-                c_prev = c_ring[d, prev, r, unit_lo:unit_hi]
-                _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
-                _forward_units(row_scratch, n_units)
-                if save:
-                    _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                c_t = _segment(row_scratch, _C_PREV, n_units)
-                h_t = _segment(row_scratch, _DH, n_units)
-                _copy(c_t, c_ring[d, 1 - prev, r, unit_lo:unit_hi])
-                _copy(h_t, h_ring[d, 1 - prev, r, unit_lo:unit_hi])
-                _copy(h_t, y[t, r, d * hidden + unit_lo:d * hidden + unit_hi])
-                if save:
-                    _copy(h_prev[r, unit_lo:unit_hi], hidden_states[d, t, r, unit_lo:unit_hi])
-                    _copy(c_prev, cell_states[d, t, r, unit_lo:unit_hi])
+    n_workers = running.shape[0]
+    for worker in prange(n_workers):
+        rows_running, rows_gate, rows_next = running[worker], gate_rows[worker], next_rows[worker]
+        for step in range(steps):
+            n_rows = _list_running(step, lengths, batch, rows_running, rows_gate, rows_next)
+            n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
+            n_tiles = n_dirs * n_row_tiles * n_unit_tiles
+            prev = step % 2
+            first = _worker_tiles(worker, n_workers, n_tiles)
+            for offset in range(n_tiles):
+                tile = (first + offset) % n_tiles
+                if not claim(claims, tile, step):
+                    continue
+                d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(
+                    tile, n_row_tiles, n_unit_tiles, n_rows, hidden)
+                h_prev = h_ring[d, prev]
+                for gate in range(N_GATES):
+                    product_tile(h_prev, rows_running, rows_gate[d], row_lo, row_hi,
+                                 w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
+                                 gate * hidden, True)
+                row_scratch = scratch[tile]
+                n_units = unit_hi - unit_lo
+                for n in range(row_lo, row_hi):
+                    r, gate_row = rows_running[n], rows_gate[d, n]
+                    t = gate_row // batch
+                    c_prev = c_ring[d, prev, r, unit_lo:unit_hi]
+                    _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                    _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
+                    _forward_units(row_scratch, n_units)
+                    if save:
+                        _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                    c_t = _segment(row_scratch, _C_PREV, n_units)
+                    h_t = _segment(row_scratch, _DH, n_units)
+                    _copy(c_t, c_ring[d, 1 - prev, r, unit_lo:unit_hi])
+                    _copy(h_t, h_ring[d, 1 - prev, r, unit_lo:unit_hi])
+                    _copy(h_t, y[t, r, d * hidden + unit_lo:d * hidden + unit_hi])
+                    if save:
+                        _copy(h_prev[r, unit_lo:unit_hi], hidden_states[d, t, r, unit_lo:unit_hi])
+                        _copy(c_prev, cell_states[d, t, r, unit_lo:unit_hi])
+                finish(done, step)
+            wait_until_done(done, step, n_tiles)
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
 def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows, next_rows,
-                  scratch, dy, dh_n, dc_carry, dh_step, dh0, d_gates):
+                  claims, done, scratch, dy, dh_n, dc_carry, dh_step, dh0, d_gates):
     """Backpropagate through time for every direction, last step first.
 
     gates:       (D, T * B, 4H) saved post-activation gates, row ``t * B + b``
     cell_states: (D, T, B, H) saved cell state entering each time
     w_h_t_panels:(D, ceil(H / W), 4H, W) each direction's W_h transposed, packed
-    lengths:     (B,) int64; running: (B,) int64 scratch;
-    gate_rows, next_rows: (D, B) int64 scratch
+    lengths:     (B,) int64
+    running, gate_rows, next_rows: (workers, B), (workers, D, B), (workers, D, B)
+                 int64 scratch, one set per worker; claims, done: from :func:`_schedule`
     scratch:     (tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
     dy:          (T, B, D*H) upstream gradient of y, or (0, B, D*H) for none
     dh_n:        (D, B, H) reaches h at each row's last valid step
@@ -264,43 +290,56 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
     dh_step:     (D, B, H) scratch: gradient reaching h at the current step
     dh0:         (D, B, H) in: dh_n (kept for rows of length 0); out: dh0
     d_gates:     (D, T * B, 4H) out at valid times; padding rows zero on entry
+    One parallel region runs all steps, as in :func:`forward_loop`.
     """
     n_dirs, _, four_hidden = gates.shape
     batch, hidden = dh_n.shape[1], dh_n.shape[2]
     steps = cell_states.shape[1]
     has_dy = dy.shape[0] > 0
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
-    for step in range(steps - 1, -2, -1):
-        # Step -1 only turns the gate gradients of step 0 into dh0.
-        n_rows = _list_running(max(step, 0), lengths, batch, running, gate_rows, next_rows)
-        n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
-        for tile in prange(n_dirs * n_row_tiles * n_unit_tiles):
-            d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(tile, n_row_tiles, n_unit_tiles,
-                                                               n_rows, hidden)
-            if step + 1 < steps:
-                product_tile(d_gates[d], gate_rows[d] if step < 0 else next_rows[d], running,
-                             row_lo, row_hi, w_h_t_panels[d], 0, four_hidden, unit_lo, unit_hi,
-                             dh0[d] if step < 0 else dh_step[d], 0, False)
-            if step < 0:
-                continue
-            row_scratch = scratch[tile]
-            n_units = unit_hi - unit_lo
-            dh = _segment(row_scratch, _DH, n_units)
-            for n in range(row_lo, row_hi):
-                r, gate_row = running[n], gate_rows[d, n]
-                t = gate_row // batch
-                _copy(dh_step[d, r, unit_lo:unit_hi] if step + 1 < lengths[r]
-                      else dh_n[d, r, unit_lo:unit_hi], dh)
-                if has_dy:
-                    _add(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
-                _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                dc = dc_carry[d, r, unit_lo:unit_hi]
-                c_prev = cell_states[d, t, r, unit_lo:unit_hi]
-                _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
-                _copy(dc, _segment(row_scratch, _DC, n_units))
-                _backward_units(row_scratch, n_units)
-                _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
-                _copy(_segment(row_scratch, _DC, n_units), dc)
+    n_workers = running.shape[0]
+    for worker in prange(n_workers):
+        rows_running, rows_gate, rows_next = running[worker], gate_rows[worker], next_rows[worker]
+        for step in range(steps - 1, -2, -1):
+            # Step -1 only turns the gate gradients of step 0 into dh0. Steps
+            # are claimed as ``steps - 1 - step``, which grows as the loop runs.
+            order = steps - 1 - step
+            n_rows = _list_running(max(step, 0), lengths, batch, rows_running, rows_gate,
+                                   rows_next)
+            n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
+            n_tiles = n_dirs * n_row_tiles * n_unit_tiles
+            first = _worker_tiles(worker, n_workers, n_tiles)
+            for offset in range(n_tiles):
+                tile = (first + offset) % n_tiles
+                if not claim(claims, tile, order):
+                    continue
+                d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(
+                    tile, n_row_tiles, n_unit_tiles, n_rows, hidden)
+                if step + 1 < steps:
+                    product_tile(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
+                                 rows_running, row_lo, row_hi, w_h_t_panels[d], 0, four_hidden,
+                                 unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False)
+                if step >= 0:
+                    row_scratch = scratch[tile]
+                    n_units = unit_hi - unit_lo
+                    dh = _segment(row_scratch, _DH, n_units)
+                    for n in range(row_lo, row_hi):
+                        r, gate_row = rows_running[n], rows_gate[d, n]
+                        t = gate_row // batch
+                        _copy(dh_step[d, r, unit_lo:unit_hi] if step + 1 < lengths[r]
+                              else dh_n[d, r, unit_lo:unit_hi], dh)
+                        if has_dy:
+                            _add(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
+                        _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                        dc = dc_carry[d, r, unit_lo:unit_hi]
+                        c_prev = cell_states[d, t, r, unit_lo:unit_hi]
+                        _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
+                        _copy(dc, _segment(row_scratch, _DC, n_units))
+                        _backward_units(row_scratch, n_units)
+                        _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
+                        _copy(_segment(row_scratch, _DC, n_units), dc)
+                finish(done, order)
+            wait_until_done(done, order, n_tiles)
 
 
 def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
@@ -332,8 +371,8 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
                               x.dtype, "w_h")
     pack_gate_panels(np.ascontiguousarray(w_h), w_h_panels)
     forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *_row_lists(n_dirs, batch),
-                 _scratch(n_dirs, batch, hidden, x.dtype), y, hidden_states[:, :steps],
-                 cell_states[:, :steps])
+                 *_schedule(n_dirs, batch, hidden, steps), _scratch(n_dirs, batch, hidden, x.dtype),
+                 y, hidden_states[:, :steps], cell_states[:, :steps])
     h_n = h_ring[:, lengths % 2, np.arange(batch)]
     c_n = c_ring[:, lengths % 2, np.arange(batch)]
     if saved is not None:
@@ -343,9 +382,21 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
 
 
 def _row_lists(n_dirs, batch):
-    """Scratch for :func:`_list_running`: running (B,), gate_rows and next_rows (D, B)."""
-    return (np.empty(batch, np.int64), np.empty((n_dirs, batch), np.int64),
-            np.empty((n_dirs, batch), np.int64))
+    """Scratch for :func:`_list_running`, one set per worker: running
+    (workers, B), gate_rows and next_rows (workers, D, B)."""
+    n_workers = numba.get_num_threads()
+    return (np.empty((n_workers, batch), np.int64),
+            np.empty((n_workers, n_dirs, batch), np.int64),
+            np.empty((n_workers, n_dirs, batch), np.int64))
+
+
+def _schedule(n_dirs, batch, hidden, steps):
+    """The time loops' claims and counters (:mod:`.sync`): claims
+    (tiles * SLOT_STRIDE,), every slot below the first step; done
+    (steps * SLOT_STRIDE,), zero. ``steps`` counts the loop's steps."""
+    n_tiles = n_dirs * -(-batch // ROWS_PER_TILE) * -(-hidden // UNITS_PER_TILE)
+    return (np.full(n_tiles * SLOT_STRIDE, -1, np.int64),
+            np.zeros(max(steps, 1) * SLOT_STRIDE, np.int64))
 
 
 def valid_rows(lengths, steps):
@@ -395,7 +446,8 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
         pack_panels(w_h[d], True, 0, four_hidden, w_h_t_panels[d])
     flat_shape = (n_dirs, steps * batch, four_hidden)
     backward_loop(gates.reshape(flat_shape), cell_states[:, :steps], w_h_t_panels, lengths,
-                  *_row_lists(n_dirs, batch), _scratch(n_dirs, batch, hidden, x.dtype), dy, dh_n,
+                  *_row_lists(n_dirs, batch), *_schedule(n_dirs, batch, hidden, steps + 1),
+                  _scratch(n_dirs, batch, hidden, x.dtype), dy, dh_n,
                   dc, np.empty_like(dh0), dh0, d_gates.reshape(flat_shape))
     rows = valid_rows(lengths, steps)
     # The weight gradients sum over the valid (time, row) pairs only.

@@ -1,0 +1,71 @@
+"""The claims and step counters the CPU time loops schedule their tiles with."""
+import numba
+import numpy as np
+import pytest
+from numba import njit, prange
+
+from nblstm.kernels import sync
+
+N_TASKS = 7
+N_STEPS = 300
+
+
+def schedule(n_tasks, n_steps):
+    return (np.full(n_tasks * sync.SLOT_STRIDE, -1, np.int64),
+            np.zeros(n_steps * sync.SLOT_STRIDE, np.int64))
+
+
+@njit(inline="always")
+def _run_worker(worker, n_workers, claims, done, runs, order):
+    """One worker of a time loop: per step, claim tasks, count them, wait for the step.
+
+    runs[step, task] counts how often the task ran; order[step, task] is the
+    step the previous step's tasks had all finished by when this task ran.
+    """
+    n_steps, n_tasks = runs.shape
+    for step in range(n_steps):
+        first = worker * n_tasks // n_workers
+        for offset in range(n_tasks):
+            task = (first + offset) % n_tasks
+            if sync.claim(claims, task, step):
+                runs[step, task] += 1
+                order[step, task] = sync.atomic_load(done, max(step - 1, 0) * sync.SLOT_STRIDE)
+                sync.finish(done, step)
+        sync.wait_until_done(done, step, n_tasks)
+
+
+@njit(parallel=True)
+def _run_parallel(n_workers, claims, done, runs, order):
+    for worker in prange(n_workers):
+        _run_worker(worker, n_workers, claims, done, runs, order)
+
+
+@njit
+def _run_one_after_another(n_workers, claims, done, runs, order):
+    for worker in range(n_workers):
+        _run_worker(worker, n_workers, claims, done, runs, order)
+
+
+def test_a_task_is_claimed_once_per_step():
+    claims, _ = schedule(2, 1)
+
+    @njit
+    def claims_of(claims):
+        return (sync.claim(claims, 0, 0), sync.claim(claims, 0, 0), sync.claim(claims, 1, 0),
+                sync.claim(claims, 0, 3), sync.claim(claims, 0, 2))
+
+    assert claims_of(claims) == (True, False, True, True, False)
+
+
+@pytest.mark.parametrize("runner", [_run_parallel, _run_one_after_another],
+                         ids=["concurrent", "one-after-another"])
+def test_every_task_runs_once_per_step_after_the_previous_step(runner):
+    n_workers = max(2, numba.get_num_threads())
+    claims, done = schedule(N_TASKS, N_STEPS)
+    runs = np.zeros((N_STEPS, N_TASKS), np.int64)
+    order = np.full((N_STEPS, N_TASKS), -1, np.int64)
+    runner(n_workers, claims, done, runs, order)
+    np.testing.assert_array_equal(runs, 1)
+    # Every task of step s > 0 saw all N_TASKS tasks of step s - 1 counted.
+    np.testing.assert_array_equal(order[1:], N_TASKS)
+    np.testing.assert_array_equal(done[::sync.SLOT_STRIDE], N_TASKS)
