@@ -1,11 +1,13 @@
 """CPU drivers: Numba ``parallel=True`` time loops plus the GEMMs around them.
 
 Shape of the work (DESIGN.md): the input projection ``x @ W_x + b`` is one
-product per direction before the time loop; inside the loop each step is one
-parallel pass over tiles of (direction, active batch rows, hidden units) that
-computes the recurrent product for the tile's units (all four gates) and
-applies the cell math right there, so a step costs one thread-pool barrier and
-no BLAS call, and both directions of a bidirectional layer share it. The
+product per direction before the time loop; inside the loop each step is a
+set of tiles of (direction, active batch rows, hidden units), each computing
+the recurrent product for its units (all four gates) and applying the cell
+math right there, with no BLAS call; both directions of a bidirectional layer
+share a step. One parallel region runs all the steps: its workers claim a
+step's tiles and wait on a counter for the step to finish (:mod:`.sync`),
+which costs far less than a thread-pool launch and join per step. The
 weight, bias and input gradients are products/reductions over the saved
 ``d_gates`` after the loop. Every product, large or per step, runs on
 Numba's thread pool (:mod:`.gemm`): a BLAS call would wake a second
