@@ -188,19 +188,36 @@ def _backward_units(scratch, n_units):
         scratch[_DC * u + j] = dc_prev
 
 
+def _most_tiles(n_dirs, batch, hidden):
+    """Tiles of a step with every row running: D * row tiles * unit tiles."""
+    return n_dirs * -(-batch // ROWS_PER_TILE) * -(-hidden // UNITS_PER_TILE)
+
+
 def _scratch(n_dirs, batch, hidden, dtype):
-    """One scratch row per tile of a step: (D * row tiles * unit tiles, SCRATCH_SEGMENTS * U)."""
-    n_tiles = (n_dirs * -(-batch // ROWS_PER_TILE) * -(-hidden // UNITS_PER_TILE))
-    return np.empty((n_tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE), dtype)
+    """One scratch row per tile of a step: (most tiles, SCRATCH_SEGMENTS * U)."""
+    return np.empty((_most_tiles(n_dirs, batch, hidden), SCRATCH_SEGMENTS * UNITS_PER_TILE),
+                    dtype)
 
 
 @njit(inline="always")
-def _worker_tiles(worker, n_workers, n_tiles):
-    """The first of a step's tiles that ``worker`` tries to claim; it goes on in
-    order, wrapping around. Its own share comes first (the same units every
-    step, so their W_h stays in its core's cache), then the next worker's,
-    from the start that worker is busy with, so it mostly finds them taken."""
-    return worker * n_tiles // n_workers
+def _step_tiles(n_rows, n_dirs, n_unit_tiles):
+    """(row tiles, tiles) of a step with ``n_rows`` running rows."""
+    n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
+    return n_row_tiles, n_dirs * n_row_tiles * n_unit_tiles
+
+
+@njit(inline="always")
+def _claim_in_order(claims, step, worker, n_workers, n_tiles, offset):
+    """The ``offset``-th tile in ``worker``'s order if it claims that tile for
+    ``step``, else -1.
+
+    The order starts at the worker's own share (the same units every step, so
+    their W_h stays in its core's cache) and wraps around into the next
+    worker's, from the start that worker is busy with, so it mostly finds
+    those taken.
+    """
+    tile = (worker * n_tiles // n_workers + offset) % n_tiles
+    return tile if claim(claims, tile, step) else -1
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
@@ -236,13 +253,11 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
         rows_running, rows_gate, rows_next = running[worker], gate_rows[worker], next_rows[worker]
         for step in range(steps):
             n_rows = _list_running(step, lengths, batch, rows_running, rows_gate, rows_next)
-            n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
-            n_tiles = n_dirs * n_row_tiles * n_unit_tiles
+            n_row_tiles, n_tiles = _step_tiles(n_rows, n_dirs, n_unit_tiles)
             prev = step % 2
-            first = _worker_tiles(worker, n_workers, n_tiles)
             for offset in range(n_tiles):
-                tile = (first + offset) % n_tiles
-                if not claim(claims, tile, step):
+                tile = _claim_in_order(claims, step, worker, n_workers, n_tiles, offset)
+                if tile < 0:
                     continue
                 d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(
                     tile, n_row_tiles, n_unit_tiles, n_rows, hidden)
@@ -308,12 +323,10 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
             order = steps - 1 - step
             n_rows = _list_running(max(step, 0), lengths, batch, rows_running, rows_gate,
                                    rows_next)
-            n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
-            n_tiles = n_dirs * n_row_tiles * n_unit_tiles
-            first = _worker_tiles(worker, n_workers, n_tiles)
+            n_row_tiles, n_tiles = _step_tiles(n_rows, n_dirs, n_unit_tiles)
             for offset in range(n_tiles):
-                tile = (first + offset) % n_tiles
-                if not claim(claims, tile, order):
+                tile = _claim_in_order(claims, order, worker, n_workers, n_tiles, offset)
+                if tile < 0:
                     continue
                 d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(
                     tile, n_row_tiles, n_unit_tiles, n_rows, hidden)
@@ -396,8 +409,7 @@ def _schedule(n_dirs, batch, hidden, steps):
     """The time loops' claims and counters (:mod:`.sync`): claims
     (tiles * SLOT_STRIDE,), every slot below the first step; done
     (steps * SLOT_STRIDE,), zero. ``steps`` counts the loop's steps."""
-    n_tiles = n_dirs * -(-batch // ROWS_PER_TILE) * -(-hidden // UNITS_PER_TILE)
-    return (np.full(n_tiles * SLOT_STRIDE, -1, np.int64),
+    return (np.full(_most_tiles(n_dirs, batch, hidden) * SLOT_STRIDE, -1, np.int64),
             np.zeros(max(steps, 1) * SLOT_STRIDE, np.int64))
 
 
