@@ -20,6 +20,7 @@ Numba code here and in :mod:`.cpu`. Every output element is one register's
 lane, summed in an order fixed by the shapes (never by the thread count), so
 results are bit-identical across reruns and thread counts.
 """
+import math
 import threading
 
 import llvmlite.binding as llvm
@@ -474,16 +475,20 @@ class Workspace(threading.local):
     """
 
     def __init__(self):
+        #: name -> (uint8 buffer, offset of its first cache-line boundary)
         self._buffers = {}
 
     def empty(self, name, shape, dtype):
         """An uninitialized aligned array of ``shape``, valid until ``name`` is asked again."""
-        n_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.nbytes < n_bytes + PANEL_ALIGNMENT:
+        dtype = np.dtype(dtype)
+        n_bytes = math.prod(shape) * dtype.itemsize
+        entry = self._buffers.get(name)
+        if entry is None or entry[0].nbytes < n_bytes + PANEL_ALIGNMENT:
             buffer = np.empty(n_bytes + PANEL_ALIGNMENT, np.uint8)
-            self._buffers[name] = buffer
-        return _aligned_view(buffer, shape, dtype)
+            entry = (buffer, -buffer.__array_interface__["data"][0] % PANEL_ALIGNMENT)
+            self._buffers[name] = entry
+        buffer, start = entry
+        return buffer[start:start + n_bytes].view(dtype).reshape(shape)
 
     def clear(self):
         """Release this thread's buffers."""
@@ -492,18 +497,11 @@ class Workspace(threading.local):
     @property
     def n_bytes(self):
         """Bytes this thread's buffers hold."""
-        return sum(buffer.nbytes for buffer in self._buffers.values())
+        return sum(buffer.nbytes for buffer, _ in self._buffers.values())
 
 
 #: The CPU drivers' temporaries (see :class:`Workspace`).
 WORKSPACE = Workspace()
-
-
-def _aligned_view(buffer, shape, dtype):
-    """A ``shape`` array of ``dtype`` over a uint8 buffer, starting on a cache line."""
-    n_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    start = -buffer.ctypes.data % PANEL_ALIGNMENT
-    return buffer[start:start + n_bytes].view(dtype).reshape(shape)
 
 
 def empty_panels(shape, dtype, name):
