@@ -376,7 +376,8 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
         gates, hidden_states, cell_states = saved
     flat_x = x.reshape(steps * batch, inputs)
     flat_gates = gates.reshape(n_dirs, steps * batch, -1)
-    rows = valid_rows(lengths, steps)
+    padded = padding(lengths, steps)
+    rows = valid_rows(padded, steps * batch)
     for d in range(n_dirs):
         matmul(flat_x, packed(w_x[d], "w_x"), rows, flat_gates[d], False, b[d])
     h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
@@ -388,10 +389,10 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *_row_lists(n_dirs, batch),
                  *_schedule(n_dirs, batch, hidden, steps), _scratch(n_dirs, batch, hidden, x.dtype),
                  y, hidden_states[:, :steps], cell_states[:, :steps])
-    h_n = h_ring[:, lengths % 2, np.arange(batch)]
-    c_n = c_ring[:, lengths % 2, np.arange(batch)]
+    h_n = _final_states(h_ring, lengths, padded)
+    c_n = _final_states(c_ring, lengths, padded)
     if saved is not None:
-        _clear_padding(gates, hidden_states, cell_states, lengths)
+        _clear_padding(gates, hidden_states, cell_states, padded)
         hidden_states[:, steps], cell_states[:, steps] = h_n, c_n
     return h_n, c_n
 
@@ -413,9 +414,19 @@ def _schedule(n_dirs, batch, hidden, steps):
             np.zeros(max(steps, 1) * SLOT_STRIDE, np.int64))
 
 
-def valid_rows(lengths, steps):
-    """Indices ``t * B + b`` of the valid (time, row) pairs, ``t < lengths[b]``, in order."""
-    return np.flatnonzero(np.arange(steps)[:, None] < lengths[None, :])
+def padding(lengths, steps):
+    """(T, B) bool mask of the padded (time, row) pairs, ``t >= lengths[b]``, or
+    None when every row runs all ``steps`` (the common case, which then skips
+    the masking and gathering altogether)."""
+    if lengths.min() >= steps:
+        return None
+    return np.arange(steps)[:, None] >= lengths[None, :]
+
+
+def valid_rows(padded, n_pairs):
+    """Indices ``t * B + b`` of the valid (time, row) pairs, in order; ``padded``
+    from :func:`padding`, ``n_pairs`` = T * B."""
+    return np.arange(n_pairs) if padded is None else np.flatnonzero(~padded)
 
 
 def _valid_pairs(flat, rows):
@@ -424,11 +435,18 @@ def _valid_pairs(flat, rows):
     return flat if rows.size == flat.shape[0] else flat[rows]
 
 
-def _clear_padding(gates, hidden_states, cell_states, lengths):
-    """Zero the saved arrays at padded times, so they hold no stale values."""
-    steps = gates.shape[1]
-    padded = np.arange(steps)[:, None] >= lengths[None, :]
-    if padded.any():
+def _final_states(ring, lengths, padded):
+    """(D, B, H) copy of each row's final state from a (D, 2, B, H) ring: slot
+    ``lengths[b] % 2`` (every row in the same slot when nothing is padded)."""
+    if padded is None:
+        return ring[:, lengths[0] % 2].copy()
+    return ring[:, lengths % 2, np.arange(lengths.shape[0])]
+
+
+def _clear_padding(gates, hidden_states, cell_states, padded):
+    """Zero the saved arrays at the ``padded`` times, so they hold no stale values."""
+    if padded is not None:
+        steps = gates.shape[1]
         gates[:, padded] = 0
         hidden_states[:, :steps][:, padded] = 0
         cell_states[:, :steps][:, padded] = 0
@@ -451,7 +469,9 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     if dy is None:
         dy = np.empty((0, batch, n_dirs * hidden), x.dtype)
     d_gates = WORKSPACE.empty("d_gates", gates.shape, x.dtype)
-    d_gates[:, np.arange(steps)[:, None] >= lengths[None, :]] = 0
+    padded = padding(lengths, steps)
+    if padded is not None:
+        d_gates[:, padded] = 0
     dc = dc_n.copy()
     dh0 = dh_n.copy()
     w_h_t_panels = empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), x.dtype),
@@ -463,7 +483,7 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
                   *_row_lists(n_dirs, batch), *_schedule(n_dirs, batch, hidden, steps + 1),
                   _scratch(n_dirs, batch, hidden, x.dtype), dy, dh_n,
                   dc, np.empty_like(dh0), dh0, d_gates.reshape(flat_shape))
-    rows = valid_rows(lengths, steps)
+    rows = valid_rows(padded, steps * batch)
     # The weight gradients sum over the valid (time, row) pairs only.
     x_valid_t = transposed(_valid_pairs(x.reshape(steps * batch, inputs), rows), "x_t")
     dx = np.zeros((steps * batch, inputs), x.dtype)

@@ -1,4 +1,5 @@
 """One place that decides whether an object is a CUDA device array."""
+import numpy as np
 
 
 def is_device_array(value):
@@ -10,7 +11,7 @@ def is_device_array(value):
     carry ``__cuda_ndarray__``. PyTorch raises from the attribute
     for tensors that require grad: such a tensor is still a device array.
     """
-    if isinstance(value, type):
+    if isinstance(value, (np.ndarray, type)):
         return False
     try:
         value.__cuda_array_interface__  # noqa: B018  (the property may raise)
