@@ -203,6 +203,50 @@ def gemm_rate(dtype, edge=GEMM_EDGE):
     return 2 * edge ** 3 / seconds / 1e9
 
 
+#: Buffer sizes whose read rate bounds the time loop at B=1, where every step
+#: reads all of W_h and little else: 2 MiB (each core's half stays in its L2
+#: here), 16 MiB (W_h at H=1024 in float32: the last-level cache) and 256 MiB
+#: (main memory).
+READ_SIZES_MIB = (2, 16, 256)
+#: Bytes read per measurement of :func:`read_rate`, whatever the buffer size.
+READ_VOLUME = 256 * 2 ** 20
+
+
+#: uint64 words per row of :func:`_read_sweep`'s buffer: eight cache lines,
+#: summed lane by lane into as many accumulators, so the loop vectorizes into
+#: eight independent vector adds per row (fewer lanes measured L2 at a third
+#: of its rate: the adds, not the reads, set the pace).
+READ_LANES = 64
+
+
+@numba.njit(parallel=True, cache=True)
+def _read_sweep(words, rounds, n_threads):
+    """Read ``words`` (n, READ_LANES) uint64 ``rounds`` times, ``n_threads``
+    threads taking equal contiguous shares (as the time loop's workers take
+    their slices of W_h); returns the sum, so the reads cannot be optimised
+    away. Benchmark tooling, not one of the library's kernels."""
+    share = (words.shape[0] + n_threads - 1) // n_threads
+    partial = np.zeros((n_threads, READ_LANES), np.uint64)
+    for thread in numba.prange(n_threads):
+        totals = np.zeros(READ_LANES, np.uint64)
+        for _ in range(rounds):
+            for row in range(thread * share, min(words.shape[0], (thread + 1) * share)):
+                for lane in range(READ_LANES):
+                    totals[lane] += words[row, lane]
+        partial[thread] = totals
+    return partial.sum()
+
+
+def read_rate(n_mib):
+    """GB/s at which all threads together read a buffer of ``n_mib`` MiB over and over."""
+    words = np.ones((n_mib * 2 ** 20 // (8 * READ_LANES), READ_LANES), np.uint64)
+    rounds = max(1, READ_VOLUME // words.nbytes)
+    n_threads = numba.get_num_threads()
+    _read_sweep(words, 1, n_threads)
+    seconds = min(_timed(lambda: _read_sweep(words, rounds, n_threads), 1) for _ in range(3))
+    return rounds * words.nbytes / seconds / 1e9
+
+
 @dataclass(frozen=True)
 class Row:
     """One measured point of ``python -m nblstm bench``."""
@@ -317,6 +361,7 @@ def run(args):
     points = grid(quick=args.quick, steps=args.steps, hidden_sizes=args.hidden,
                   batch_sizes=args.batch, dtypes=args.dtype)
     rates = {tag: gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()}
+    read_rates = {f"{size}MiB": read_rate(size) for size in READ_SIZES_MIB}
     rows = []
     for done, point in enumerate(points):
         _progress(done, len(points), point.name(args.backend))
@@ -325,11 +370,14 @@ def run(args):
     _progress(len(points), len(points), "done")
     sys.stderr.write("\n")
     if args.json:
-        print(json.dumps({"gemm_gflops": rates, "threads": numba.get_num_threads(),
+        print(json.dumps({"gemm_gflops": rates, "read_gbps": read_rates,
+                          "threads": numba.get_num_threads(),
                           "rows": [asdict(row) for row in rows]}, indent=1))
     else:
         print(f"GEMM rate at {GEMM_EDGE}^3: " + ", ".join(f"{tag} {rate:.0f} GFLOP/s"
                                                           for tag, rate in rates.items()))
+        print("Read rate: " + ", ".join(f"{size} {rate:.0f} GB/s"
+                                        for size, rate in read_rates.items()))
         print(format_table(rows))
     if args.plot:
         plot(rows, args.plot)
