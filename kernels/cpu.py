@@ -34,6 +34,8 @@ from .cell import N_GATES, cell_backward, cell_forward, step_time
 from .gemm import (
     BLOCK_ROWS,
     WORKSPACE,
+    aligned_copy,
+    aligned_empty,
     block_columns,
     empty_panels,
     matmul,
@@ -195,8 +197,8 @@ def _most_tiles(n_dirs, batch, hidden):
 
 def _scratch(n_dirs, batch, hidden, dtype):
     """One scratch row per tile of a step: (most tiles, SCRATCH_SEGMENTS * U)."""
-    return np.empty((_most_tiles(n_dirs, batch, hidden), SCRATCH_SEGMENTS * UNITS_PER_TILE),
-                    dtype)
+    return aligned_empty((_most_tiles(n_dirs, batch, hidden), SCRATCH_SEGMENTS * UNITS_PER_TILE),
+                         dtype)
 
 
 @njit(inline="always")
@@ -362,7 +364,7 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
 
     x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H); b: (D, 4H)
     h0, c0: (D, B, H); lengths: (B,) int64
-    y: (T, B, D*H) out, zero-filled (padding stays zero)
+    y: (T, B, D*H) out; zero-filled where padded (the loop writes only valid times)
     saved: (gates (D, T, B, 4H), hidden_states (D, T+1, B, H),
     cell_states (D, T+1, B, H)) to fill for backward, or None (inference).
     Returns (h_n, c_n), each (D, B, H).
@@ -380,8 +382,8 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     rows = valid_rows(padded, steps * batch)
     for d in range(n_dirs):
         matmul(flat_x, packed(w_x[d], "w_x"), rows, flat_gates[d], False, b[d])
-    h_ring = np.empty((n_dirs, 2, batch, hidden), x.dtype)
-    c_ring = np.empty_like(h_ring)
+    h_ring = aligned_empty((n_dirs, 2, batch, hidden), x.dtype)
+    c_ring = aligned_empty((n_dirs, 2, batch, hidden), x.dtype)
     h_ring[:, 0], c_ring[:, 0] = h0, c0
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
                               x.dtype, "w_h")
@@ -472,8 +474,8 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     padded = padding(lengths, steps)
     if padded is not None:
         d_gates[:, padded] = 0
-    dc = dc_n.copy()
-    dh0 = dh_n.copy()
+    dc = aligned_copy(dc_n)
+    dh0 = aligned_copy(dh_n)
     w_h_t_panels = empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), x.dtype),
                                 x.dtype, "w_h_t")
     for d in range(n_dirs):
@@ -482,13 +484,15 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     backward_loop(gates.reshape(flat_shape), cell_states[:, :steps], w_h_t_panels, lengths,
                   *_row_lists(n_dirs, batch), *_schedule(n_dirs, batch, hidden, steps + 1),
                   _scratch(n_dirs, batch, hidden, x.dtype), dy, dh_n,
-                  dc, np.empty_like(dh0), dh0, d_gates.reshape(flat_shape))
+                  dc, aligned_empty(dh0.shape, x.dtype), dh0, d_gates.reshape(flat_shape))
     rows = valid_rows(padded, steps * batch)
     # The weight gradients sum over the valid (time, row) pairs only.
     x_valid_t = transposed(_valid_pairs(x.reshape(steps * batch, inputs), rows), "x_t")
-    dx = np.zeros((steps * batch, inputs), x.dtype)
-    dw_x = np.empty((n_dirs, inputs, four_hidden), x.dtype)
-    dw_h = np.empty((n_dirs, hidden, four_hidden), x.dtype)
+    dx = aligned_empty((steps * batch, inputs), x.dtype)
+    if padded is not None:
+        dx[...] = 0
+    dw_x = aligned_empty((n_dirs, inputs, four_hidden), x.dtype)
+    dw_h = aligned_empty((n_dirs, hidden, four_hidden), x.dtype)
     no_bias = np.empty(0, x.dtype)
     for d in range(n_dirs):
         dz = d_gates[d].reshape(steps * batch, four_hidden)

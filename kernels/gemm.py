@@ -460,8 +460,32 @@ def transposed(matrix, name):
     return out
 
 
-#: Alignment of packed panels: a cache line, so no vector load straddles two.
-PANEL_ALIGNMENT = 64
+#: Alignment of every array the kernels write: a cache line, so no vector load
+#: straddles two, and threads writing neighbouring tiles (of a row of y, of
+#: the states, of the gates) never write into the same line. A 16-byte aligned
+#: y and state ring cost the H=128, B=32 forward loop 13 % (measured).
+ALIGNMENT = 64
+
+
+def _line_offset(buffer):
+    """Bytes from the start of a uint8 buffer to its first cache-line boundary."""
+    return -buffer.__array_interface__["data"][0] % ALIGNMENT
+
+
+def aligned_empty(shape, dtype):
+    """An uninitialized C-contiguous array of ``shape`` starting on a cache line."""
+    dtype = np.dtype(dtype)
+    n_bytes = math.prod(shape) * dtype.itemsize
+    buffer = np.empty(n_bytes + ALIGNMENT, np.uint8)
+    start = _line_offset(buffer)
+    return buffer[start:start + n_bytes].view(dtype).reshape(shape)
+
+
+def aligned_copy(array):
+    """A C-contiguous copy of ``array`` starting on a cache line."""
+    copy = aligned_empty(array.shape, array.dtype)
+    copy[...] = array
+    return copy
 
 
 class Workspace(threading.local):
@@ -483,9 +507,9 @@ class Workspace(threading.local):
         dtype = np.dtype(dtype)
         n_bytes = math.prod(shape) * dtype.itemsize
         entry = self._buffers.get(name)
-        if entry is None or entry[0].nbytes < n_bytes + PANEL_ALIGNMENT:
-            buffer = np.empty(n_bytes + PANEL_ALIGNMENT, np.uint8)
-            entry = (buffer, -buffer.__array_interface__["data"][0] % PANEL_ALIGNMENT)
+        if entry is None or entry[0].nbytes < n_bytes + ALIGNMENT:
+            buffer = np.empty(n_bytes + ALIGNMENT, np.uint8)
+            entry = (buffer, _line_offset(buffer))
             self._buffers[name] = entry
         buffer, start = entry
         return buffer[start:start + n_bytes].view(dtype).reshape(shape)

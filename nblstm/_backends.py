@@ -121,15 +121,20 @@ class CPUBackend(HostBackend):
     def forward(self, x, params, h0, c0, lengths, training):
         """As :meth:`NumpyBackend.forward`."""
         from .kernels import cpu
+        from .kernels.gemm import aligned_empty
 
         steps, batch, _ = x.shape
         n_dirs, hidden = len(params), params[0].hidden_size
-        y = np.zeros((steps, batch, n_dirs * hidden), x.dtype)
+        # Cache-line aligned: the kernels' threads write neighbouring tiles of
+        # these rows, and must not share a line.
+        y = aligned_empty((steps, batch, n_dirs * hidden), x.dtype)
+        if cpu.padding(lengths, steps) is not None:
+            y[...] = 0
         saved = None
         if training:
-            saved = (np.empty((n_dirs, steps, batch, N_GATES * hidden), x.dtype),
-                     np.empty((n_dirs, steps + 1, batch, hidden), x.dtype),
-                     np.empty((n_dirs, steps + 1, batch, hidden), x.dtype))
+            saved = (aligned_empty((n_dirs, steps, batch, N_GATES * hidden), x.dtype),
+                     aligned_empty((n_dirs, steps + 1, batch, hidden), x.dtype),
+                     aligned_empty((n_dirs, steps + 1, batch, hidden), x.dtype))
         with np.errstate(all="ignore"), parallel_section():
             h_n, c_n = cpu.forward(x, self._stacked(params, "W_x"), self._stacked(params, "W_h"),
                                    self._stacked(params, "b"), h0, c0, lengths, y, saved)

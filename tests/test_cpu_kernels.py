@@ -85,7 +85,7 @@ def test_transposed_copies_exactly():
 def test_workspace_is_reused_and_released():
     clear_workspace()
     first = gemm.WORKSPACE.empty("test", (10, 10), np.float64)
-    assert first.ctypes.data % gemm.PANEL_ALIGNMENT == 0
+    assert first.ctypes.data % gemm.ALIGNMENT == 0
     again = gemm.WORKSPACE.empty("test", (5, 3), np.float32)
     assert np.shares_memory(first, again)
     assert clear_workspace() > 0 and clear_workspace() == 0
@@ -138,3 +138,30 @@ def test_results_never_alias_the_workspace():
     nblstm.backward(nblstm.forward(-x, params, backend="cpu")[2], 3 * dy)
     for before, after in zip(kept, results):
         np.testing.assert_array_equal(before, after)
+
+
+def test_arrays_the_threads_write_start_on_a_cache_line():
+    """Threads write neighbouring tiles of y, the saved states and the gradients:
+    misaligned, two of them would write into one cache line."""
+    rng = np.random.default_rng(8)
+    params = nblstm.LSTMParams.init(16, 32, dtype=np.float32, rng=rng)
+    x = rng.standard_normal((5, 3, 16)).astype(np.float32)
+    y, _, cache = nblstm.forward(x, params, backend="cpu")
+    grads = nblstm.backward(cache, np.ones_like(y))
+    written = [y, cache.gates, cache.hidden_states, cache.cell_states, grads.dx, grads.dW_x,
+               grads.dW_h]
+    assert all(array.ctypes.data % gemm.ALIGNMENT == 0 for array in written)
+    assert gemm.aligned_empty((3, 5), np.float64).ctypes.data % gemm.ALIGNMENT == 0
+
+
+def test_padding_stays_zero_in_y_and_dx():
+    """y and dx are filled only where valid: padded rows must still read zero."""
+    rng = np.random.default_rng(9)
+    params = nblstm.LSTMParams.init(4, 6, dtype=np.float64, rng=rng)
+    x = rng.standard_normal((5, 3, 4))
+    lengths = np.array([5, 0, 2])
+    y, _, cache = nblstm.forward(x, params, backend="cpu", lengths=lengths)
+    grads = nblstm.backward(cache, np.ones_like(y))
+    padded = np.arange(5)[:, None] >= lengths[None, :]
+    assert np.all(y[padded] == 0) and np.all(grads.dx[padded] == 0)
+    assert np.all(y[~padded] != 0) and np.all(grads.dx[~padded] != 0)
