@@ -7,3 +7,11 @@ def pytest_addoption(parser):
     parser.addoption("--smoke", action="store_true",
                      help="tiny shapes, only to check that every benchmark runs")
 
+
+
+def pytest_sessionstart(session):
+    """Match torch's thread count to Numba's before anything parallel runs (see
+    :func:`nblstm.bench.match_torch_threads`)."""
+    from nblstm import bench
+
+    bench.match_torch_threads()

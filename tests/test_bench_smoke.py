@@ -52,3 +52,27 @@ def test_timed_samples_repeat_short_calls():
     assert bench.median_time(lambda: calls.append(1), repeats=2) < bench.MIN_SAMPLE_SECONDS
     # One warm-up, one calibration call, then per sample a wake-up call and many timed calls.
     assert len(calls) > 2 * 100
+
+
+class _FakeTorch:
+    def __init__(self, threads):
+        self.threads, self.calls = threads, []
+
+    def get_num_threads(self):
+        return self.threads
+
+    def set_num_threads(self, count):
+        self.calls.append(count)
+
+
+def test_torch_threads_are_set_only_when_they_differ(monkeypatch):
+    import numba
+
+    same = _FakeTorch(numba.get_num_threads())
+    monkeypatch.setitem(sys.modules, "torch", same)
+    bench.match_torch_threads()
+    assert same.calls == []
+    other = _FakeTorch(numba.get_num_threads() + 1)
+    monkeypatch.setitem(sys.modules, "torch", other)
+    bench.match_torch_threads()
+    assert other.calls == [numba.get_num_threads()]
