@@ -364,7 +364,7 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
 
     x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H); b: (D, 4H)
     h0, c0: (D, B, H); lengths: (B,) int64
-    y: (T, B, D*H) out; zero-filled where padded (the loop writes only valid times)
+    y: (T, B, D*H) out, every element (zero at padded times)
     saved: (gates (D, T, B, 4H), hidden_states (D, T+1, B, H),
     cell_states (D, T+1, B, H)) to fill for backward, or None (inference).
     Returns (h_n, c_n), each (D, B, H).
@@ -379,6 +379,8 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     flat_x = x.reshape(steps * batch, inputs)
     flat_gates = gates.reshape(n_dirs, steps * batch, -1)
     padded = padding(lengths, steps)
+    if padded is not None:
+        y[padded] = 0
     rows = valid_rows(padded, steps * batch)
     for d in range(n_dirs):
         matmul(flat_x, packed(w_x[d], "w_x"), rows, flat_gates[d], False, b[d])

@@ -467,18 +467,23 @@ def transposed(matrix, name):
 ALIGNMENT = 64
 
 
-def _line_offset(buffer):
-    """Bytes from the start of a uint8 buffer to its first cache-line boundary."""
-    return -buffer.__array_interface__["data"][0] % ALIGNMENT
+def _aligned_buffer(n_bytes):
+    """``(buffer, start)``: a uint8 buffer with room for ``n_bytes`` from
+    ``start``, its first cache-line boundary."""
+    buffer = np.empty(n_bytes + ALIGNMENT, np.uint8)
+    return buffer, -buffer.__array_interface__["data"][0] % ALIGNMENT
+
+
+def _carve(buffer, start, shape, dtype):
+    """The C-contiguous ``shape`` array of ``dtype`` over ``buffer`` from ``start``."""
+    n_bytes = math.prod(shape) * dtype.itemsize
+    return buffer[start:start + n_bytes].view(dtype).reshape(shape)
 
 
 def aligned_empty(shape, dtype):
     """An uninitialized C-contiguous array of ``shape`` starting on a cache line."""
     dtype = np.dtype(dtype)
-    n_bytes = math.prod(shape) * dtype.itemsize
-    buffer = np.empty(n_bytes + ALIGNMENT, np.uint8)
-    start = _line_offset(buffer)
-    return buffer[start:start + n_bytes].view(dtype).reshape(shape)
+    return _carve(*_aligned_buffer(math.prod(shape) * dtype.itemsize), shape, dtype)
 
 
 def aligned_copy(array):
@@ -508,11 +513,8 @@ class Workspace(threading.local):
         n_bytes = math.prod(shape) * dtype.itemsize
         entry = self._buffers.get(name)
         if entry is None or entry[0].nbytes < n_bytes + ALIGNMENT:
-            buffer = np.empty(n_bytes + ALIGNMENT, np.uint8)
-            entry = (buffer, _line_offset(buffer))
-            self._buffers[name] = entry
-        buffer, start = entry
-        return buffer[start:start + n_bytes].view(dtype).reshape(shape)
+            entry = self._buffers[name] = _aligned_buffer(n_bytes)
+        return _carve(*entry, shape, dtype)
 
     def clear(self):
         """Release this thread's buffers."""

@@ -128,8 +128,6 @@ class CPUBackend(HostBackend):
         # Cache-line aligned: the kernels' threads write neighbouring tiles of
         # these rows, and must not share a line.
         y = aligned_empty((steps, batch, n_dirs * hidden), x.dtype)
-        if cpu.padding(lengths, steps) is not None:
-            y[...] = 0
         saved = None
         if training:
             saved = (aligned_empty((n_dirs, steps, batch, N_GATES * hidden), x.dtype),

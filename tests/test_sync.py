@@ -5,6 +5,7 @@ import pytest
 from numba import njit, prange
 
 from nblstm.kernels import sync
+from nblstm.kernels.cpu import _claim_in_order
 
 N_TASKS = 7
 N_STEPS = 300
@@ -17,17 +18,17 @@ def schedule(n_tasks, n_steps):
 
 @njit(inline="always")
 def _run_worker(worker, n_workers, claims, done, runs, order):
-    """One worker of a time loop: per step, claim tasks, count them, wait for the step.
+    """One worker of a time loop, claiming in the loops' own order: per step,
+    claim tasks, count them, wait for the step.
 
     runs[step, task] counts how often the task ran; order[step, task] is the
     step the previous step's tasks had all finished by when this task ran.
     """
     n_steps, n_tasks = runs.shape
     for step in range(n_steps):
-        first = worker * n_tasks // n_workers
         for offset in range(n_tasks):
-            task = (first + offset) % n_tasks
-            if sync.claim(claims, task, step):
+            task = _claim_in_order(claims, step, worker, n_workers, n_tasks, offset)
+            if task >= 0:
                 runs[step, task] += 1
                 order[step, task] = sync.atomic_load(done, max(step - 1, 0) * sync.SLOT_STRIDE)
                 sync.finish(done, step)
