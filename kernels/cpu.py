@@ -45,6 +45,7 @@ from .gemm import (
     panel_shape,
     product_tile,
     transposed,
+    use_full_vector_width,
 )
 from .sync import SLOT_STRIDE, claim, finish, wait_until_done
 
@@ -252,6 +253,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
     n_workers = running.shape[0]
     for worker in prange(n_workers):
+        use_full_vector_width()
         rows_running, rows_gate, rows_next = running[worker], gate_rows[worker], next_rows[worker]
         for step in range(steps):
             n_rows = _list_running(step, lengths, batch, rows_running, rows_gate, rows_next)
@@ -318,6 +320,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
     n_workers = running.shape[0]
     for worker in prange(n_workers):
+        use_full_vector_width()
         rows_running, rows_gate, rows_next = running[worker], gate_rows[worker], next_rows[worker]
         for step in range(steps - 1, -2, -1):
             # Step -1 only turns the gate gradients of step 0 into dh0. Steps
