@@ -93,6 +93,7 @@ def test_workspace_is_reused_and_released():
 
 @njit(error_model="numpy")
 def _activations(z, exp_out, sigmoid_out, tanh_out):
+    gemm.use_full_vector_width()  # vectorized as the time loops vectorize them
     for i in range(z.shape[0]):
         exp_out[i] = cell.exp_nonpositive(-abs(z[i]))
         sigmoid_out[i] = cell.sigmoid(z[i])
@@ -112,6 +113,16 @@ def test_vectorizable_activations_are_accurate(dtype):
         wanted = wanted.astype(dtype).astype(np.float64)
         relative = np.abs(actual - wanted) / np.maximum(np.abs(wanted), np.finfo(dtype).tiny)
         assert relative.max() <= ULPS * np.finfo(dtype).eps, name
+
+
+def test_vector_width_hint_reaches_the_compiled_loop():
+    z = np.random.default_rng(7).standard_normal(64)
+    _activations(z, *(np.empty_like(z) for _ in range(3)))
+    bits = gemm.VECTOR_BYTES * gemm.BITS_PER_BYTE
+    for signature in _activations.signatures:
+        assert f'"prefer-vector-width"="{bits}"' in _activations.inspect_llvm(signature)
+        if gemm.VECTOR_BYTES == 64:
+            assert "zmm" in _activations.inspect_asm(signature)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
