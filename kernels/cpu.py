@@ -253,6 +253,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
     n_workers = running.shape[0]
     for worker in prange(n_workers):
+        # Numba compiles a prange body as a function of its own: the hint
+        # goes here, in the function that holds the cell loops.
         use_full_vector_width()
         rows_running, rows_gate, rows_next = running[worker], gate_rows[worker], next_rows[worker]
         for step in range(steps):
