@@ -8,7 +8,6 @@ def pytest_addoption(parser):
                      help="tiny shapes, only to check that every benchmark runs")
 
 
-
 def pytest_sessionstart(session):
     """Match torch's thread count to Numba's before anything parallel runs (see
     :func:`nblstm.bench.match_torch_threads`)."""

@@ -47,7 +47,7 @@ from .gemm import (
     transposed,
     use_full_vector_width,
 )
-from .sync import SLOT_STRIDE, claim, finish, wait_until_done
+from .sync import claim, counters, finish, wait_until_done
 
 #: Hidden units per tile: a tile's slice of W_h is (4 * UNITS_PER_TILE, H).
 #: A multiple of the products' block width, so tiles start on panel edges.
@@ -416,11 +416,9 @@ def _row_lists(n_dirs, batch):
 
 
 def _schedule(n_dirs, batch, hidden, steps):
-    """The time loops' claims and counters (:mod:`.sync`): claims
-    (tiles * SLOT_STRIDE,), every slot below the first step; done
-    (steps * SLOT_STRIDE,), zero. ``steps`` counts the loop's steps."""
-    return (np.full(_most_tiles(n_dirs, batch, hidden) * SLOT_STRIDE, -1, np.int64),
-            np.zeros(max(steps, 1) * SLOT_STRIDE, np.int64))
+    """The time loops' claims and counters (:func:`.sync.counters`), for the
+    most tiles a step can have; ``steps`` counts the loop's steps."""
+    return counters(_most_tiles(n_dirs, batch, hidden), max(steps, 1))
 
 
 def padding(lengths, steps):

@@ -16,6 +16,7 @@ complete also sees everything the step's tiles wrote.
 import os
 import platform
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -36,6 +37,18 @@ SPINS_BEFORE_YIELD = 2000
 #: POSIX systems yield a core with ``sched_yield`` from the C library, which
 #: the JIT-compiled code calls by name; elsewhere a long wait keeps spinning.
 _CAN_YIELD = os.name == "posix"
+
+
+#: A claim slot's value before its task is first claimed: below every step.
+UNCLAIMED = -1
+
+
+def counters(n_tasks, n_steps):
+    """Fresh ``(claims, done)`` for ``n_tasks`` tasks a step over ``n_steps``
+    steps: claims (n_tasks * SLOT_STRIDE,) int64, every slot UNCLAIMED; done
+    (n_steps * SLOT_STRIDE,) int64, zero."""
+    return (np.full(n_tasks * SLOT_STRIDE, UNCLAIMED, np.int64),
+            np.zeros(n_steps * SLOT_STRIDE, np.int64))
 
 
 def _slot_pointer(context, builder, array_type, array, index):
@@ -127,8 +140,8 @@ def yield_core(typingctx):
 def claim(claims, task, step):
     """Claim ``task`` for ``step``; True if this worker got it.
 
-    claims: (n_tasks * SLOT_STRIDE,) int64, each task's slot holding the last
-    step it was claimed for (start below every step). Steps only grow, so a
+    claims: (n_tasks * SLOT_STRIDE,) int64 from :func:`counters`, each task's
+    slot holding the last step it was claimed for. Steps only grow, so a
     slot at or past ``step`` means another worker has the task.
     """
     slot = task * SLOT_STRIDE
@@ -142,7 +155,7 @@ def claim(claims, task, step):
 
 @njit(inline="always")
 def finish(done, step_slot):
-    """Count one finished task of a step. done: (n_steps * SLOT_STRIDE,) int64, zero on entry."""
+    """Count one finished task of a step. done: from :func:`counters`."""
     atomic_add(done, step_slot * SLOT_STRIDE, 1)
 
 

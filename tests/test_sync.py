@@ -11,11 +11,6 @@ N_TASKS = 7
 N_STEPS = 300
 
 
-def schedule(n_tasks, n_steps):
-    return (np.full(n_tasks * sync.SLOT_STRIDE, -1, np.int64),
-            np.zeros(n_steps * sync.SLOT_STRIDE, np.int64))
-
-
 @njit(inline="always")
 def _run_worker(worker, n_workers, claims, done, runs, order):
     """One worker of a time loop, claiming in the loops' own order: per step,
@@ -48,7 +43,7 @@ def _run_one_after_another(n_workers, claims, done, runs, order):
 
 
 def test_a_task_is_claimed_once_per_step():
-    claims, _ = schedule(2, 1)
+    claims, _ = sync.counters(2, 1)
 
     @njit
     def claims_of(claims):
@@ -62,7 +57,7 @@ def test_a_task_is_claimed_once_per_step():
                          ids=["concurrent", "one-after-another"])
 def test_every_task_runs_once_per_step_after_the_previous_step(runner):
     n_workers = max(2, numba.get_num_threads())
-    claims, done = schedule(N_TASKS, N_STEPS)
+    claims, done = sync.counters(N_TASKS, N_STEPS)
     runs = np.zeros((N_STEPS, N_TASKS), np.int64)
     order = np.full((N_STEPS, N_TASKS), -1, np.int64)
     runner(n_workers, claims, done, runs, order)
