@@ -4,10 +4,12 @@ Shape of the work (DESIGN.md): the input projection ``x @ W_x + b`` is one
 product per direction before the time loop; inside the loop each step is a
 set of tiles of (direction, active batch rows, hidden units), each computing
 the recurrent product for its units (all four gates) and applying the cell
-math right there, with no BLAS call; both directions of a bidirectional layer
-share a step. One parallel region runs all the steps: its workers claim a
-step's tiles and wait on a counter for the step to finish (:mod:`.sync`),
-which costs far less than a thread-pool launch and join per step. The
+math right there, with no BLAS call. One parallel region runs all the steps.
+Its workers form teams (:func:`_teams`): each direction, and each group of
+batch rows, is a recurrence of its own, so a team that owns one never waits
+for another; within a team the workers claim a step's tiles and wait on a
+counter for the step to finish (:mod:`.sync`), which costs far less than a
+thread-pool launch and join per step. The
 weight, bias and input gradients are products/reductions over the saved
 ``d_gates`` after the loop. Every product, large or per step, runs on
 Numba's thread pool (:mod:`.gemm`): a BLAS call would wake a second
@@ -66,8 +68,8 @@ assert ROWS_PER_TILE % BLOCK_ROWS == 0, "tiles hold whole register blocks"
 
 
 @njit(inline="always")
-def _list_running(step, lengths, batch, running, gate_rows, next_rows):
-    """List the rows with ``step < lengths[row]``; return their count.
+def _list_running(step, lengths, owned, batch, running, gate_rows, next_rows):
+    """List the rows of ``owned`` with ``step < lengths[row]``; return their count.
 
     For the n-th of them: ``running[n]`` is its batch row, ``gate_rows[d, n]``
     its row ``t * B + b`` in the (T * B, ...) per-direction arrays at this step
@@ -76,7 +78,7 @@ def _list_running(step, lengths, batch, running, gate_rows, next_rows):
     zero and untouched: backward reads it and discards the result).
     """
     count = 0
-    for row in range(lengths.shape[0]):
+    for row in owned:
         length = lengths[row]
         if step < length:
             running[count] = row
@@ -196,10 +198,9 @@ def _most_tiles(n_dirs, batch, hidden):
     return n_dirs * -(-batch // ROWS_PER_TILE) * -(-hidden // UNITS_PER_TILE)
 
 
-def _scratch(n_dirs, batch, hidden, dtype):
-    """One scratch row per tile of a step: (most tiles, SCRATCH_SEGMENTS * U)."""
-    return aligned_empty((_most_tiles(n_dirs, batch, hidden), SCRATCH_SEGMENTS * UNITS_PER_TILE),
-                         dtype)
+def _scratch(n_workers, dtype):
+    """One scratch row per worker: (workers, SCRATCH_SEGMENTS * U)."""
+    return aligned_empty((n_workers, SCRATCH_SEGMENTS * UNITS_PER_TILE), dtype)
 
 
 @njit(inline="always")
@@ -210,21 +211,31 @@ def _step_tiles(n_rows, n_dirs, n_unit_tiles):
 
 
 @njit(inline="always")
-def _claim_in_order(claims, step, worker, n_workers, n_tiles, offset):
-    """The ``offset``-th tile in ``worker``'s order if it claims that tile for
-    ``step``, else -1.
+def _claim_in_order(claims, step, member, team_size, n_tiles, offset):
+    """The ``offset``-th tile in the order of a team's ``member`` if it claims
+    that tile for ``step``, else -1.
 
-    The order starts at the worker's own share (the same units every step, so
+    The order starts at the member's own share (the same units every step, so
     their W_h stays in its core's cache) and wraps around into the next
-    worker's, from the start that worker is busy with, so it mostly finds
+    member's, from the start that member is busy with, so it mostly finds
     those taken.
     """
-    tile = (worker * n_tiles // n_workers + offset) % n_tiles
+    tile = (member * n_tiles // team_size + offset) % n_tiles
     return tile if claim(claims, tile, step) else -1
 
 
+@njit(inline="always")
+def _team_of(worker, n_workers, team_rows, team_bounds):
+    """(member index, team size, first direction, direction count, owned rows,
+    team index) of ``worker``'s team: workers [t * size, (t + 1) * size) form team t."""
+    team_size = n_workers // team_bounds.shape[0]
+    team = worker // team_size
+    d_lo, d_hi, n_owned = team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2]
+    return worker % team_size, team_size, d_lo, d_hi - d_lo, team_rows[team, :n_owned], team
+
+
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
-def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows, next_rows,
+def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bounds, row_lists,
                  claims, done, scratch, y, hidden_states, cell_states):
     """Run the recurrence of every direction over all steps.
 
@@ -236,43 +247,50 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
     h_ring, c_ring:(D, 2, B, H) slot 0 holds h0/c0 on entry; row b's final state
                    is in slot ``lengths[b] % 2`` on exit
     lengths:       (B,) int64, 0 <= lengths[b] <= T
-    running, gate_rows, next_rows: (workers, B), (workers, D, B), (workers, D, B)
-                   int64 scratch, one set per worker; claims, done: from :func:`_schedule`
-    scratch:       (tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
+    team_rows, team_bounds: (teams, B), (teams, 3) int64 from :func:`_teams`
+    row_lists:     (workers, 1 + 2D, B) int64 scratch for :func:`_list_running`
+    claims, done:  (teams, ...) int64 from :func:`_schedule`
+    scratch:       (workers, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
     y:             (T, B, D*H) out at valid times (direction d in columns d*H..)
     hidden_states, cell_states: (D, T, B, H) out: the state entering each valid
                    time; or (D, 0, B, H) to save nothing (inference)
     Direction 1, when present, runs in reverse. One parallel region runs all
-    steps: the workers claim a step's tiles (:mod:`.sync`) and wait for the
-    step to finish before the next.
+    steps. Each team of workers runs its own directions and batch rows, which
+    depend on no other team's: its members claim a step's tiles (:mod:`.sync`)
+    and wait for the team's step to finish before the next.
     """
     n_dirs = gates.shape[0]
     batch, hidden = h_ring.shape[2], h_ring.shape[3]
     steps = y.shape[0]
     save = hidden_states.shape[1] > 0
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
-    n_workers = running.shape[0]
+    n_workers = row_lists.shape[0]
     for worker in prange(n_workers):
         # Numba compiles a prange body as a function of its own: the hint
         # goes here, in the function that holds the cell loops.
         use_full_vector_width()
-        rows_running, rows_gate, rows_next = running[worker], gate_rows[worker], next_rows[worker]
+        member, team_size, d_lo, team_dirs, owned, team = _team_of(
+            worker, n_workers, team_rows, team_bounds)
+        rows_running, rows_gate = row_lists[worker, 0], row_lists[worker, 1:1 + n_dirs]
+        rows_next = row_lists[worker, 1 + n_dirs:]
+        row_scratch = scratch[worker]
         for step in range(steps):
-            n_rows = _list_running(step, lengths, batch, rows_running, rows_gate, rows_next)
-            n_row_tiles, n_tiles = _step_tiles(n_rows, n_dirs, n_unit_tiles)
+            n_rows = _list_running(step, lengths, owned, batch, rows_running, rows_gate,
+                                   rows_next)
+            n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles)
             prev = step % 2
             for offset in range(n_tiles):
-                tile = _claim_in_order(claims, step, worker, n_workers, n_tiles, offset)
+                tile = _claim_in_order(claims[team], step, member, team_size, n_tiles, offset)
                 if tile < 0:
                     continue
                 d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(
                     tile, n_row_tiles, n_unit_tiles, n_rows, hidden)
+                d += d_lo
                 h_prev = h_ring[d, prev]
                 for gate in range(N_GATES):
                     product_tile(h_prev, rows_running, rows_gate[d], row_lo, row_hi,
                                  w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
                                  gate * hidden, True)
-                row_scratch = scratch[tile]
                 n_units = unit_hi - unit_lo
                 for n in range(row_lo, row_hi):
                     r, gate_row = rows_running[n], rows_gate[d, n]
@@ -291,12 +309,12 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, running, gate_rows,
                     if save:
                         _copy(h_prev[r, unit_lo:unit_hi], hidden_states[d, t, r, unit_lo:unit_hi])
                         _copy(c_prev, cell_states[d, t, r, unit_lo:unit_hi])
-                finish(done, step)
-            wait_until_done(done, step, n_tiles)
+                finish(done[team], step)
+            wait_until_done(done[team], step, n_tiles)
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
-def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows, next_rows,
+def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bounds, row_lists,
                   claims, done, scratch, dy, dh_n, dc_carry, dh_step, dh0, d_gates):
     """Backpropagate through time for every direction, last step first.
 
@@ -304,45 +322,47 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
     cell_states: (D, T, B, H) saved cell state entering each time
     w_h_t_panels:(D, ceil(H / W), 4H, W) each direction's W_h transposed, packed
     lengths:     (B,) int64
-    running, gate_rows, next_rows: (workers, B), (workers, D, B), (workers, D, B)
-                 int64 scratch, one set per worker; claims, done: from :func:`_schedule`
-    scratch:     (tiles, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
+    team_rows, team_bounds, row_lists, claims, done, scratch: as in :func:`forward_loop`
     dy:          (T, B, D*H) upstream gradient of y, or (0, B, D*H) for none
     dh_n:        (D, B, H) reaches h at each row's last valid step
     dc_carry:    (D, B, H) in: dc_n; out: dc0
     dh_step:     (D, B, H) scratch: gradient reaching h at the current step
     dh0:         (D, B, H) in: dh_n (kept for rows of length 0); out: dh0
     d_gates:     (D, T * B, 4H) out at valid times; padding rows zero on entry
-    One parallel region runs all steps, as in :func:`forward_loop`.
+    One parallel region runs all steps, in teams, as in :func:`forward_loop`.
     """
     n_dirs, _, four_hidden = gates.shape
     batch, hidden = dh_n.shape[1], dh_n.shape[2]
     steps = cell_states.shape[1]
     has_dy = dy.shape[0] > 0
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
-    n_workers = running.shape[0]
+    n_workers = row_lists.shape[0]
     for worker in prange(n_workers):
         use_full_vector_width()
-        rows_running, rows_gate, rows_next = running[worker], gate_rows[worker], next_rows[worker]
+        member, team_size, d_lo, team_dirs, owned, team = _team_of(
+            worker, n_workers, team_rows, team_bounds)
+        rows_running, rows_gate = row_lists[worker, 0], row_lists[worker, 1:1 + n_dirs]
+        rows_next = row_lists[worker, 1 + n_dirs:]
+        row_scratch = scratch[worker]
         for step in range(steps - 1, -2, -1):
             # Step -1 only turns the gate gradients of step 0 into dh0. Steps
             # are claimed as ``steps - 1 - step``, which grows as the loop runs.
             order = steps - 1 - step
-            n_rows = _list_running(max(step, 0), lengths, batch, rows_running, rows_gate,
+            n_rows = _list_running(max(step, 0), lengths, owned, batch, rows_running, rows_gate,
                                    rows_next)
-            n_row_tiles, n_tiles = _step_tiles(n_rows, n_dirs, n_unit_tiles)
+            n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles)
             for offset in range(n_tiles):
-                tile = _claim_in_order(claims, order, worker, n_workers, n_tiles, offset)
+                tile = _claim_in_order(claims[team], order, member, team_size, n_tiles, offset)
                 if tile < 0:
                     continue
                 d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(
                     tile, n_row_tiles, n_unit_tiles, n_rows, hidden)
+                d += d_lo
                 if step + 1 < steps:
                     product_tile(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
                                  rows_running, row_lo, row_hi, w_h_t_panels[d], 0, four_hidden,
                                  unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False)
                 if step >= 0:
-                    row_scratch = scratch[tile]
                     n_units = unit_hi - unit_lo
                     dh = _segment(row_scratch, _DH, n_units)
                     for n in range(row_lo, row_hi):
@@ -360,8 +380,8 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, running, gate_rows,
                         _backward_units(row_scratch, n_units)
                         _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
                         _copy(_segment(row_scratch, _DC, n_units), dc)
-                finish(done, order)
-            wait_until_done(done, order, n_tiles)
+                finish(done[team], order)
+            wait_until_done(done[team], order, n_tiles)
 
 
 def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
@@ -395,9 +415,9 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
                               x.dtype, "w_h")
     pack_gate_panels(np.ascontiguousarray(w_h), w_h_panels)
-    forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *_row_lists(n_dirs, batch),
-                 *_schedule(n_dirs, batch, hidden, steps), _scratch(n_dirs, batch, hidden, x.dtype),
-                 y, hidden_states[:, :steps], cell_states[:, :steps])
+    forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths,
+                 *_work_plan(n_dirs, lengths, hidden, x.dtype, steps), y,
+                 hidden_states[:, :steps], cell_states[:, :steps])
     h_n = _final_states(h_ring, lengths, padded)
     c_n = _final_states(c_ring, lengths, padded)
     if saved is not None:
@@ -406,19 +426,75 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     return h_n, c_n
 
 
-def _row_lists(n_dirs, batch):
-    """Scratch for :func:`_list_running`, one set per worker: running
-    (workers, B), gate_rows and next_rows (workers, D, B)."""
+def _work_plan(n_dirs, lengths, hidden, dtype, steps):
+    """Everything a time loop needs to share its work out: (team_rows,
+    team_bounds, row_lists, claims, done, scratch) for :func:`forward_loop`
+    and :func:`backward_loop`, whose ``steps`` counts the loop's steps."""
     n_workers = numba.get_num_threads()
-    return (np.empty((n_workers, batch), np.int64),
-            np.empty((n_workers, n_dirs, batch), np.int64),
-            np.empty((n_workers, n_dirs, batch), np.int64))
+    batch = lengths.shape[0]
+    team_rows, team_bounds = _teams(n_dirs, lengths, hidden, np.dtype(dtype), n_workers)
+    row_lists = np.empty((n_workers, 1 + 2 * n_dirs, batch), np.int64)
+    n_teams = team_bounds.shape[0]
+    claims, done = counters(n_teams * _most_tiles(n_dirs, batch, hidden), n_teams * max(steps, 1))
+    return (team_rows, team_bounds, row_lists, claims.reshape(n_teams, -1),
+            done.reshape(n_teams, -1), _scratch(n_workers, dtype))
 
 
-def _schedule(n_dirs, batch, hidden, steps):
-    """The time loops' claims and counters (:func:`.sync.counters`), for the
-    most tiles a step can have; ``steps`` counts the loop's steps."""
-    return counters(_most_tiles(n_dirs, batch, hidden), max(steps, 1))
+#: One team per group of batch rows pays when each worker's rows fill register
+#: blocks and the direction's W_h stays in its core's cache: each worker then
+#: reads all of W_h every step, where workers sharing a step read a slice each
+#: but wait for each other every step and read the h rows the other wrote.
+#: Measured on a 2-core AVX-512 machine (2 MiB L2 per core), whole calls, T=100,
+#: split over shared: f32 H=128 B=8/32 1.17/1.22x forward, 1.21/1.20x with
+#: backward; H=256 B=8/32 1.12/1.12x and 1.14/1.05x; f64 H=128 B=32 1.18x and
+#: 1.12x. Not paying: 2 rows a worker (B=4: 0.93-1.07x), W_h of 2 MiB (f64
+#: H=256 B=8: 0.80x) or more (f32 H=512 B=8: 0.66x).
+MIN_ROWS_PER_TEAM = 4
+MAX_TEAM_WEIGHT_BYTES = 2 ** 20
+
+
+def _teams(n_dirs, lengths, hidden, dtype, n_workers):
+    """How the workers split a time loop's work: (team_rows (teams, B),
+    team_bounds (teams, 3)) int64.
+
+    Team t runs directions [team_bounds[t, 0], team_bounds[t, 1]) for the
+    batch rows ``team_rows[t, :team_bounds[t, 2]]``; its n_workers // teams
+    workers share each step's tiles. Directions and batch rows depend on no
+    other's, so teams never wait for each other. One team per direction when
+    the workers divide evenly among them; within a direction, one worker per
+    group of rows when the rows fill register blocks and W_h fits a core's
+    cache (:data:`MIN_ROWS_PER_TEAM`, :data:`MAX_TEAM_WEIGHT_BYTES`), else
+    one team of all the direction's workers.
+    """
+    batch = lengths.shape[0]
+    if n_workers % n_dirs:
+        direction_teams, workers_per_direction = [(0, n_dirs)], n_workers
+    else:
+        direction_teams = [(d, d + 1) for d in range(n_dirs)]
+        workers_per_direction = n_workers // n_dirs
+    weight_bytes = N_GATES * hidden * hidden * dtype.itemsize
+    split = (batch >= MIN_ROWS_PER_TEAM * workers_per_direction
+             and weight_bytes <= MAX_TEAM_WEIGHT_BYTES)
+    row_groups = _row_groups(lengths, workers_per_direction if split else 1)
+    n_teams = len(direction_teams) * len(row_groups)
+    team_rows = np.zeros((n_teams, batch), np.int64)
+    team_bounds = np.zeros((n_teams, 3), np.int64)
+    for team, ((d_lo, d_hi), rows) in enumerate(
+            (directions, rows) for directions in direction_teams for rows in row_groups):
+        team_rows[team, :rows.size] = rows
+        team_bounds[team] = d_lo, d_hi, rows.size
+    return team_rows, team_bounds
+
+
+def _row_groups(lengths, n_groups):
+    """``n_groups`` contiguous runs of batch rows with about equal sums of
+    lengths (the steps each group runs), as index arrays."""
+    if n_groups == 1:
+        return [np.arange(lengths.shape[0])]
+    work = np.cumsum(lengths) if lengths.sum() > 0 else np.arange(1, lengths.shape[0] + 1)
+    targets = work[-1] * np.arange(1, n_groups) / n_groups
+    cuts = np.searchsorted(work, targets, side="right")
+    return np.split(np.arange(lengths.shape[0]), cuts)
 
 
 def padding(lengths, steps):
@@ -487,8 +563,7 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
         pack_panels(w_h[d], True, 0, four_hidden, w_h_t_panels[d])
     flat_shape = (n_dirs, steps * batch, four_hidden)
     backward_loop(gates.reshape(flat_shape), cell_states[:, :steps], w_h_t_panels, lengths,
-                  *_row_lists(n_dirs, batch), *_schedule(n_dirs, batch, hidden, steps + 1),
-                  _scratch(n_dirs, batch, hidden, x.dtype), dy, dh_n,
+                  *_work_plan(n_dirs, lengths, hidden, x.dtype, steps + 1), dy, dh_n,
                   dc, aligned_empty(dh0.shape, x.dtype), dh0, d_gates.reshape(flat_shape))
     rows = valid_rows(padded, steps * batch)
     # The weight gradients sum over the valid (time, row) pairs only.

@@ -216,3 +216,47 @@ def test_layer_rejects_bad_arguments():
         nblstm.LSTM(3, 4).backward(None)
     with pytest.raises(ValueError, match="dropout must be in"):
         nblstm.LSTM(3, 4, dropout=1.0)
+
+
+def test_teams_own_directions_then_groups_of_rows():
+    """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers."""
+    from nblstm.kernels import cpu
+
+    f32 = np.dtype(np.float32)
+    full = np.full(32, 7)
+    rows, bounds = cpu._teams(1, full, 128, f32, 2)
+    np.testing.assert_array_equal(bounds, [[0, 1, 16], [0, 1, 16]])
+    np.testing.assert_array_equal(rows[1, :16], np.arange(16, 32))
+    # W_h past the cache budget, or too few rows a worker: one team shares each step.
+    for hidden, batch in ((512, 32), (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1)):
+        _, bounds = cpu._teams(1, np.full(batch, 7), hidden, f32, 2)
+        np.testing.assert_array_equal(bounds, [[0, 1, batch]])
+    # Rows split where the steps they run balance, not where their count does.
+    lengths = np.array([1] * 12 + [10] * 4)
+    _, bounds = cpu._teams(1, lengths, 64, f32, 2)
+    assert bounds[0, 2] > bounds[1, 2] and bounds[:, 2].sum() == 16
+    # Two directions, two workers: a direction each, whatever the sizes.
+    _, bounds = cpu._teams(2, np.full(3, 7), 1024, f32, 2)
+    np.testing.assert_array_equal(bounds, [[0, 1, 3], [1, 2, 3]])
+    _, bounds = cpu._teams(2, np.full(3, 7), 1024, f32, 3)
+    np.testing.assert_array_equal(bounds, [[0, 2, 3]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_rows_in_teams_match_the_reference(backend, dtype, bidirectional):
+    """Enough rows that two workers each run a group of them (teams), with lengths
+    that put the group boundary mid-batch and end rows at different steps."""
+    rng = np.random.default_rng(23)
+    steps, batch = 7, 17
+    lstm, reference = twin_layers(backend, dtype, input_size=6, hidden_size=19,
+                                  bidirectional=bidirectional)
+    x = rng.standard_normal((steps, batch, 6)).astype(dtype)
+    dy = rng.standard_normal((steps, batch, lstm.directions * 19)).astype(dtype)
+    lengths = rng.integers(0, steps + 1, batch)
+    actual = run_layer(lstm, x, lengths, None, dy, None)
+    expected = run_layer(reference, x.astype(np.float64), lengths, None, dy.astype(np.float64),
+                         None)
+    for name, value in expected.items():
+        error = relative_error(actual[name], value)
+        assert error <= TOLERANCE[np.dtype(dtype)], f"{name}: {error:.2e}"
