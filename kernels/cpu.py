@@ -36,9 +36,11 @@ from .cell import N_GATES, cell_backward, cell_forward, step_time
 from .gemm import (
     BLOCK_ROWS,
     WORKSPACE,
+    add_into,
     aligned_copy,
     aligned_empty,
     block_columns,
+    copy_into,
     empty_panels,
     matmul,
     pack_gate_panels,
@@ -116,27 +118,12 @@ SCRATCH_SEGMENTS = N_GATES + 3
 
 
 @njit(inline="always")
-def _copy(source, destination):
-    """``destination[:] = source`` as a plain loop: Numba's slice assignment
-    checks for overlap and may allocate a temporary, too slow per tile row."""
-    for j in range(source.shape[0]):
-        destination[j] = source[j]
-
-
-@njit(inline="always")
-def _add(source, destination):
-    """``destination += source`` as a plain loop (see :func:`_copy`)."""
-    for j in range(source.shape[0]):
-        destination[j] += source[j]
-
-
-@njit(inline="always")
 def _load_gates(scratch, gates, hidden, unit_lo, unit_hi):
     """Copy units [unit_lo, unit_hi) of each gate of a (4H,) row into the scratch."""
     n_units = unit_hi - unit_lo
     for gate in range(N_GATES):
-        _copy(gates[gate * hidden + unit_lo:gate * hidden + unit_hi],
-              scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units])
+        copy_into(gates[gate * hidden + unit_lo:gate * hidden + unit_hi],
+                  scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units])
 
 
 @njit(inline="always")
@@ -144,8 +131,8 @@ def _store_gates(scratch, gates, hidden, unit_lo, unit_hi):
     """The inverse of :func:`_load_gates`."""
     n_units = unit_hi - unit_lo
     for gate in range(N_GATES):
-        _copy(scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units],
-              gates[gate * hidden + unit_lo:gate * hidden + unit_hi])
+        copy_into(scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units],
+                  gates[gate * hidden + unit_lo:gate * hidden + unit_hi])
 
 
 @njit(inline="always")
@@ -297,18 +284,19 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     t = gate_row // batch
                     c_prev = c_ring[d, prev, r, unit_lo:unit_hi]
                     _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                    _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
+                    copy_into(c_prev, _segment(row_scratch, _C_PREV, n_units))
                     _forward_units(row_scratch, n_units)
                     if save:
                         _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
                     c_t = _segment(row_scratch, _C_PREV, n_units)
                     h_t = _segment(row_scratch, _DH, n_units)
-                    _copy(c_t, c_ring[d, 1 - prev, r, unit_lo:unit_hi])
-                    _copy(h_t, h_ring[d, 1 - prev, r, unit_lo:unit_hi])
-                    _copy(h_t, y[t, r, d * hidden + unit_lo:d * hidden + unit_hi])
+                    copy_into(c_t, c_ring[d, 1 - prev, r, unit_lo:unit_hi])
+                    copy_into(h_t, h_ring[d, 1 - prev, r, unit_lo:unit_hi])
+                    copy_into(h_t, y[t, r, d * hidden + unit_lo:d * hidden + unit_hi])
                     if save:
-                        _copy(h_prev[r, unit_lo:unit_hi], hidden_states[d, t, r, unit_lo:unit_hi])
-                        _copy(c_prev, cell_states[d, t, r, unit_lo:unit_hi])
+                        copy_into(h_prev[r, unit_lo:unit_hi],
+                                  hidden_states[d, t, r, unit_lo:unit_hi])
+                        copy_into(c_prev, cell_states[d, t, r, unit_lo:unit_hi])
                 finish(done[team], step)
             wait_until_done(done[team], step, n_tiles)
 
@@ -368,18 +356,18 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                     for n in range(row_lo, row_hi):
                         r, gate_row = rows_running[n], rows_gate[d, n]
                         t = gate_row // batch
-                        _copy(dh_step[d, r, unit_lo:unit_hi] if step + 1 < lengths[r]
-                              else dh_n[d, r, unit_lo:unit_hi], dh)
+                        copy_into(dh_step[d, r, unit_lo:unit_hi] if step + 1 < lengths[r]
+                                  else dh_n[d, r, unit_lo:unit_hi], dh)
                         if has_dy:
-                            _add(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
+                            add_into(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
                         _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
                         dc = dc_carry[d, r, unit_lo:unit_hi]
                         c_prev = cell_states[d, t, r, unit_lo:unit_hi]
-                        _copy(c_prev, _segment(row_scratch, _C_PREV, n_units))
-                        _copy(dc, _segment(row_scratch, _DC, n_units))
+                        copy_into(c_prev, _segment(row_scratch, _C_PREV, n_units))
+                        copy_into(dc, _segment(row_scratch, _DC, n_units))
                         _backward_units(row_scratch, n_units)
                         _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
-                        _copy(_segment(row_scratch, _DC, n_units), dc)
+                        copy_into(_segment(row_scratch, _DC, n_units), dc)
                 finish(done[team], order)
             wait_until_done(done[team], order, n_tiles)
 
