@@ -25,7 +25,7 @@ def assert_product_close(actual, expected, depth, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (6, 16, 16), (13, 300, 37),
-                                   (100, 257, 130), (200, 64, 1)])
+                                   (100, 257, 130), (200, 64, 1), (200, 1100, 70)])
 def test_matmul_matches_numpy(shape, dtype):
     rng = np.random.default_rng(sum(shape))
     a, b = product_case(rng, *shape, dtype)
