@@ -28,6 +28,8 @@ order, so results are bit-identical across reruns and thread counts.
 The callers (``nblstm``) validate and allocate; these functions only compute
 into the buffers they are given.
 """
+from pathlib import Path
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -428,6 +430,24 @@ def _work_plan(n_dirs, lengths, hidden, dtype, steps):
             done.reshape(n_teams, -1), _scratch(n_workers, dtype))
 
 
+def _core_cache_bytes():
+    """Bytes of one core's L2 cache, from Linux's sysfs; DEFAULT_CORE_CACHE_BYTES
+    where that is not readable."""
+    caches = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(caches.glob("index*")):
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                return int(size.rstrip("KMG")) * SIZE_SUFFIXES.get(size[-1], 1)
+    except (OSError, ValueError):
+        pass
+    return DEFAULT_CORE_CACHE_BYTES
+
+
+#: Multipliers of the size suffixes in sysfs cache sizes ("2048K").
+SIZE_SUFFIXES = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+#: A core's L2 where the system does not tell (a common size on current x86).
+DEFAULT_CORE_CACHE_BYTES = 2 ** 20
 #: One team per group of batch rows pays when each worker's rows fill register
 #: blocks and the direction's W_h stays in its core's cache: each worker then
 #: reads all of W_h every step, where workers sharing a step read a slice each
@@ -436,9 +456,10 @@ def _work_plan(n_dirs, lengths, hidden, dtype, steps):
 #: split over shared: f32 H=128 B=8/32 1.17/1.22x forward, 1.21/1.20x with
 #: backward; H=256 B=8/32 1.12/1.12x and 1.14/1.05x; f64 H=128 B=32 1.18x and
 #: 1.12x. Not paying: 2 rows a worker (B=4: 0.93-1.07x), W_h of 2 MiB (f64
-#: H=256 B=8: 0.80x) or more (f32 H=512 B=8: 0.66x).
+#: H=256 B=8: 0.80x) or more (f32 H=512 B=8: 0.66x). So W_h may take at most
+#: half of a core's L2.
 MIN_ROWS_PER_TEAM = 4
-MAX_TEAM_WEIGHT_BYTES = 2 ** 20
+MAX_TEAM_WEIGHT_BYTES = _core_cache_bytes() // 2
 
 
 def _teams(n_dirs, lengths, hidden, dtype, n_workers):

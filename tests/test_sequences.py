@@ -218,10 +218,12 @@ def test_layer_rejects_bad_arguments():
         nblstm.LSTM(3, 4, dropout=1.0)
 
 
-def test_teams_own_directions_then_groups_of_rows():
-    """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers."""
+def test_teams_own_directions_then_groups_of_rows(monkeypatch):
+    """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers
+    (with a W_h budget of 1 MiB, half this machine's L2)."""
     from nblstm.kernels import cpu
 
+    monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 20)
     f32 = np.dtype(np.float32)
     full = np.full(32, 7)
     rows, bounds = cpu._teams(1, full, 128, f32, 2)
