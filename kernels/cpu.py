@@ -238,7 +238,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
     lengths:       (B,) int64, 0 <= lengths[b] <= T
     team_rows, team_bounds: (teams, B), (teams, 3) int64 from :func:`_teams`
     row_lists:     (workers, 1 + 2D, B) int64 scratch for :func:`_list_running`
-    claims, done:  (teams, ...) int64 from :func:`_schedule`
+    claims, done:  (teams, ...) int64 claim and step counters (:func:`.sync.counters`)
     scratch:       (workers, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
     y:             (T, B, D*H) out at valid times (direction d in columns d*H..)
     hidden_states, cell_states: (D, T, B, H) out: the state entering each valid
