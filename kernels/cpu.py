@@ -448,18 +448,36 @@ def _core_cache_bytes():
 SIZE_SUFFIXES = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
 #: A core's L2 where the system does not tell (a common size on current x86).
 DEFAULT_CORE_CACHE_BYTES = 2 ** 20
-#: One team per group of batch rows pays when each worker's rows fill register
-#: blocks and the direction's W_h stays in its core's cache: each worker then
-#: reads all of W_h every step, where workers sharing a step read a slice each
-#: but wait for each other every step and read the h rows the other wrote.
-#: Measured on a 2-core AVX-512 machine (2 MiB L2 per core), whole calls, T=100,
-#: split over shared: f32 H=128 B=8/32 1.17/1.22x forward, 1.21/1.20x with
-#: backward; H=256 B=8/32 1.12/1.12x and 1.14/1.05x; f64 H=128 B=32 1.18x and
-#: 1.12x. Not paying: 2 rows a worker (B=4: 0.93-1.07x), W_h of 2 MiB (f64
-#: H=256 B=8: 0.80x) or more (f32 H=512 B=8: 0.66x). So W_h may take at most
-#: half of a core's L2.
+#: One team per group of batch rows pays when each worker's rows are enough to
+#: amortize reading all of W_h every step, where workers sharing a step read a
+#: slice each but wait for each other every step and read the h rows the other
+#: wrote. How many rows are enough depends on where W_h lives. Measured on a
+#: 2-core AVX-512 machine (2 MiB L2 per core), whole calls, T=100, split over
+#: shared:
+#:
+#: - W_h in half a core's L2: from 4 rows a worker. f32 H=128 B=8/32
+#:   1.17/1.22x forward, 1.21/1.20x with backward; H=256 B=8/32 1.12/1.12x and
+#:   1.14/1.05x; f64 H=128 B=32 1.18/1.12x. At 2 rows a worker (B=4)
+#:   0.93-1.07x.
+#: - W_h up to twice a core's L2 (read from L3 every step): from 64 rows a
+#:   worker. f64 H=256 B=64/128 1.02/1.04x with backward, 1.04x forward;
+#:   f32 H=512 B=128 1.01x forward, 1.03x with backward. Fewer rows lose: f64
+#:   H=256 B=8/32 0.87/0.98x forward, f32 H=512 B=64 0.98x.
+#: - Larger W_h: never (f64 H=512 B=128 0.98x, f32 H=1024 B=128 0.95x).
 MIN_ROWS_PER_TEAM = 4
 MAX_TEAM_WEIGHT_BYTES = _core_cache_bytes() // 2
+MIN_ROWS_PER_TEAM_FROM_L3 = 64
+MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
+
+
+def _rows_split_pays(rows_per_worker, weight_bytes):
+    """Whether one worker per group of ``rows_per_worker`` rows beats sharing
+    each step, for a W_h of ``weight_bytes`` (see :data:`MIN_ROWS_PER_TEAM`)."""
+    if weight_bytes <= MAX_TEAM_WEIGHT_BYTES:
+        return rows_per_worker >= MIN_ROWS_PER_TEAM
+    if weight_bytes <= MAX_TEAM_WEIGHT_BYTES_FROM_L3:
+        return rows_per_worker >= MIN_ROWS_PER_TEAM_FROM_L3
+    return False
 
 
 def _teams(n_dirs, lengths, hidden, dtype, n_workers):
@@ -471,9 +489,8 @@ def _teams(n_dirs, lengths, hidden, dtype, n_workers):
     workers share each step's tiles. Directions and batch rows depend on no
     other's, so teams never wait for each other. One team per direction when
     the workers divide evenly among them; within a direction, one worker per
-    group of rows when the rows fill register blocks and W_h fits a core's
-    cache (:data:`MIN_ROWS_PER_TEAM`, :data:`MAX_TEAM_WEIGHT_BYTES`), else
-    one team of all the direction's workers.
+    group of rows when each worker gets enough rows for the size of W_h
+    (:func:`_rows_split_pays`), else one team of all the direction's workers.
     """
     batch = lengths.shape[0]
     if n_workers % n_dirs:
@@ -482,8 +499,7 @@ def _teams(n_dirs, lengths, hidden, dtype, n_workers):
         direction_teams = [(d, d + 1) for d in range(n_dirs)]
         workers_per_direction = n_workers // n_dirs
     weight_bytes = N_GATES * hidden * hidden * dtype.itemsize
-    split = (batch >= MIN_ROWS_PER_TEAM * workers_per_direction
-             and weight_bytes <= MAX_TEAM_WEIGHT_BYTES)
+    split = _rows_split_pays(batch // workers_per_direction, weight_bytes)
     row_groups = _row_groups(lengths, workers_per_direction if split else 1)
     n_teams = len(direction_teams) * len(row_groups)
     team_rows = np.zeros((n_teams, batch), np.int64)

@@ -220,17 +220,22 @@ def test_layer_rejects_bad_arguments():
 
 def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers
-    (with a W_h budget of 1 MiB, half this machine's L2)."""
+    (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3)."""
     from nblstm.kernels import cpu
 
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 20)
+    monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 2 ** 22)
     f32 = np.dtype(np.float32)
     full = np.full(32, 7)
     rows, bounds = cpu._teams(1, full, 128, f32, 2)
     np.testing.assert_array_equal(bounds, [[0, 1, 16], [0, 1, 16]])
     np.testing.assert_array_equal(rows[1, :16], np.arange(16, 32))
-    # W_h past the cache budget, or too few rows a worker: one team shares each step.
-    for hidden, batch in ((512, 32), (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1)):
+    # A W_h of 4 MiB splits only with 64 rows a worker.
+    _, bounds = cpu._teams(1, np.full(128, 7), 512, f32, 2)
+    np.testing.assert_array_equal(bounds, [[0, 1, 64], [0, 1, 64]])
+    # Too few rows a worker for the size of W_h, or W_h past every budget:
+    # one team shares each step.
+    for hidden, batch in ((512, 126), (1024, 1000), (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1)):
         _, bounds = cpu._teams(1, np.full(batch, 7), hidden, f32, 2)
         np.testing.assert_array_equal(bounds, [[0, 1, batch]])
     # Rows split where the steps they run balance, not where their count does.
