@@ -223,6 +223,14 @@ def _team_of(worker, n_workers, team_rows, team_bounds):
     return worker % team_size, team_size, d_lo, d_hi - d_lo, team_rows[team, :n_owned], team
 
 
+@njit(inline="always")
+def _worker_rows(row_lists, worker, n_dirs):
+    """``worker``'s (running (B,), gate_rows (D, B), next_rows (D, B)) for
+    :func:`_list_running`, views of row_lists (workers, 1 + 2D, B)."""
+    return (row_lists[worker, 0], row_lists[worker, 1:1 + n_dirs],
+            row_lists[worker, 1 + n_dirs:])
+
+
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
 def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bounds, row_lists,
                  claims, done, scratch, y, hidden_states, cell_states):
@@ -237,7 +245,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                    is in slot ``lengths[b] % 2`` on exit
     lengths:       (B,) int64, 0 <= lengths[b] <= T
     team_rows, team_bounds: (teams, B), (teams, 3) int64 from :func:`_teams`
-    row_lists:     (workers, 1 + 2D, B) int64 scratch for :func:`_list_running`
+    row_lists:     (workers, 1 + 2D, B) int64 scratch (:func:`_worker_rows`)
     claims, done:  (teams, ...) int64 claim and step counters (:func:`.sync.counters`)
     scratch:       (workers, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
     y:             (T, B, D*H) out at valid times (direction d in columns d*H..)
@@ -260,8 +268,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
         use_full_vector_width()
         member, team_size, d_lo, team_dirs, owned, team = _team_of(
             worker, n_workers, team_rows, team_bounds)
-        rows_running, rows_gate = row_lists[worker, 0], row_lists[worker, 1:1 + n_dirs]
-        rows_next = row_lists[worker, 1 + n_dirs:]
+        rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
         for step in range(steps):
             n_rows = _list_running(step, lengths, owned, batch, rows_running, rows_gate,
@@ -331,8 +338,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
         use_full_vector_width()
         member, team_size, d_lo, team_dirs, owned, team = _team_of(
             worker, n_workers, team_rows, team_bounds)
-        rows_running, rows_gate = row_lists[worker, 0], row_lists[worker, 1:1 + n_dirs]
-        rows_next = row_lists[worker, 1 + n_dirs:]
+        rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
         for step in range(steps - 1, -2, -1):
             # Step -1 only turns the gate gradients of step 0 into dh0. Steps
