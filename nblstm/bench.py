@@ -23,6 +23,9 @@ HIDDEN_SIZES = (128, 256, 512, 1024)
 BATCH_SIZES = (1, 8, 32, 128)
 QUICK_HIDDEN_SIZES = (128, 512)
 QUICK_BATCH_SIZES = (1, 32)
+#: The GPU grid (``--backend cuda``): cuDNN's small-batch regime and beyond.
+GPU_HIDDEN_SIZES = (256, 1024)
+GPU_BATCH_SIZES = (1, 8, 64, 256)
 #: Edge of the square matrices whose product measures this machine's GEMM rate.
 GEMM_EDGE = 2048
 #: Interleaved (ours, peer) pairs per point; the median ratio is reported.
@@ -67,9 +70,12 @@ class Point:
         return f"{backend}-{self.mode}-{self.dtype}-H{self.hidden}-B{self.batch}"
 
 
-def grid(quick=False, steps=STEPS, hidden_sizes=None, batch_sizes=None, dtypes=None):
-    """Every :class:`Point` of the (quick or full) grid, in both modes, for ``dtypes``
-    (tags, default both)."""
+def grid(quick=False, steps=STEPS, hidden_sizes=None, batch_sizes=None, dtypes=None, gpu=False):
+    """Every :class:`Point` of the (quick, full or ``gpu``) grid, in both modes, for
+    ``dtypes`` (tags, default both)."""
+    if gpu:
+        hidden_sizes = hidden_sizes or GPU_HIDDEN_SIZES
+        batch_sizes = batch_sizes or GPU_BATCH_SIZES
     hidden_sizes = hidden_sizes or (QUICK_HIDDEN_SIZES if quick else HIDDEN_SIZES)
     batch_sizes = batch_sizes or (QUICK_BATCH_SIZES if quick else BATCH_SIZES)
     return [Point(steps, batch, hidden, dtype, mode) for dtype in (dtypes or DTYPE_TAGS)
@@ -87,15 +93,27 @@ def make_inputs(point, seed=0):
 
 
 def nblstm_runner(point, backend, seed=0, lengths=None, bidirectional=False):
-    """A zero-argument callable running one nblstm pass of ``point`` on ``backend``."""
+    """A zero-argument callable running one nblstm pass of ``point`` on ``backend``.
+
+    For ``"cuda"`` the inputs and weights are uploaded first, so a call times
+    the kernels and their launches, not transfers; each call returns once
+    the device has finished (the backend waits for its stream).
+    """
     params, x, dy = make_inputs(point, seed)
+    if bidirectional:
+        dy = np.concatenate([dy, dy], axis=2)
+    if backend == "cuda":
+        from numba import cuda
+
+        params, x, dy = params.to_device(), cuda.to_device(x), cuda.to_device(dy)
     if bidirectional:
         lstm = LSTM(point.inputs, point.hidden, bidirectional=True,
                     dtype=DTYPE_TAGS[point.dtype], backend=backend, rng=seed)
-        dy2 = np.concatenate([dy, dy], axis=2)
+        if backend == "cuda":
+            lstm.to_device()
         if point.mode == "fwd":
             return lambda: lstm.forward(x, lengths=lengths, training=False)
-        return lambda: (lstm.forward(x, lengths=lengths), lstm.backward(dy2))
+        return lambda: (lstm.forward(x, lengths=lengths), lstm.backward(dy))
     if point.mode == "fwd":
         return lambda: api.forward(x, params, backend=backend, training=False, lengths=lengths)
 
@@ -106,12 +124,14 @@ def nblstm_runner(point, backend, seed=0, lengths=None, bidirectional=False):
     return forward_backward
 
 
-def torch_runner(point, seed=0, lengths=None):
-    """The same pass with ``torch.nn.LSTM`` on the CPU (packed when ``lengths``), or None.
+def torch_runner(point, seed=0, lengths=None, device="cpu"):
+    """The same pass with ``torch.nn.LSTM`` on ``device`` (packed when ``lengths``), or
+    None when torch (or, for ``"cuda"``, its CUDA build and a GPU) is missing.
 
     Timed the way the issue asks: forward under ``torch.inference_mode()``;
     forward+backward with ``x.requires_grad_(True)`` and gradients reset to
-    None between runs; as many torch threads as Numba threads.
+    None between runs; as many torch threads as Numba threads. On ``"cuda"``
+    (cuDNN) each call waits for the device before it returns, as nblstm's do.
     """
     try:
         import torch
@@ -119,11 +139,14 @@ def torch_runner(point, seed=0, lengths=None):
         return None
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
     match_torch_threads()
     params, x, dy = make_inputs(point, seed)
-    module = LSTM.from_keras_weights(params.W_x, params.W_h, params.b).to_torch()
-    x_torch, dy_torch = torch.from_numpy(x), torch.from_numpy(dy)
+    module = LSTM.from_keras_weights(params.W_x, params.W_h, params.b).to_torch().to(device)
+    x_torch, dy_torch = torch.from_numpy(x).to(device), torch.from_numpy(dy).to(device)
     lengths_torch = None if lengths is None else torch.from_numpy(np.asarray(lengths))
+    finish = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run(inputs):
         if lengths_torch is None:
@@ -134,7 +157,9 @@ def torch_runner(point, seed=0, lengths=None):
     if point.mode == "fwd":
         def forward():
             with torch.inference_mode():
-                return run(x_torch)
+                y = run(x_torch)
+            finish()
+            return y
         return forward
 
     def forward_backward():
@@ -142,6 +167,7 @@ def torch_runner(point, seed=0, lengths=None):
             parameter.grad = None
         inputs = x_torch.clone().requires_grad_(True)
         run(inputs).backward(dy_torch)
+        finish()
         return inputs.grad
 
     return forward_backward
@@ -220,6 +246,56 @@ def gemm_rate(dtype, edge=GEMM_EDGE):
     return 2 * edge ** 3 / seconds / 1e9
 
 
+#: Edge of the square matrices whose product measures the GPU's GEMM rate (cuBLAS
+#: through torch): large enough to fill an H100.
+GPU_GEMM_EDGE = 8192
+
+
+def gpu_gemm_rate(dtype, edge=GPU_GEMM_EDGE):
+    """The GPU's GEMM rate in GFLOP/s (cuBLAS through torch, with torch's default
+    matmul precision), or NaN without torch's CUDA build."""
+    try:
+        import torch
+    except ImportError:
+        return float("nan")
+    if not torch.cuda.is_available():
+        return float("nan")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn((edge, edge), dtype=getattr(torch, np.dtype(dtype).name),
+                        device="cuda", generator=generator) for _ in range(2))
+
+    def product():
+        torch.mm(a, b)
+        torch.cuda.synchronize()
+
+    product()
+    seconds = min(_timed(product, 1) for _ in range(3))
+    return 2 * edge ** 3 / seconds / 1e9
+
+
+#: Launches timed by :func:`kernel_launch_seconds`.
+LAUNCHES = 1000
+
+
+def kernel_launch_seconds(launches=LAUNCHES):
+    """Seconds per launch of a trivial nblstm CUDA kernel (one element), launched
+    ``launches`` times back to back: the fixed cost every step's launches pay."""
+    from numba import cuda
+
+    from .kernels import cuda as kernels
+
+    stream = cuda.stream()
+    target = cuda.device_array((1, 1), np.float32, stream=stream)
+
+    def launch_all():
+        for _ in range(launches):
+            kernels.fill(target, 0, stream)
+        stream.synchronize()
+
+    launch_all()
+    return min(_timed(launch_all, 1) for _ in range(3)) / launches
+
+
 #: Buffer sizes whose read rate bounds the time loop at B=1, where every step
 #: reads all of W_h and little else: 2 MiB (each core's half stays in its L2
 #: here), 16 MiB (W_h at H=1024 in float32: the last-level cache) and 256 MiB
@@ -278,9 +354,10 @@ class Row:
 
 
 def measure(point, backend="cpu", pairs=PAIRS, gemm=None, with_numpy=True):
-    """Time one point against the NumPy reference and torch (when installed)."""
+    """Time one point against the NumPy reference and torch (when installed; on the
+    GPU for ``"cuda"``)."""
     ours = nblstm_runner(point, backend)
-    peer = torch_runner(point)
+    peer = torch_runner(point, device="cuda" if backend == "cuda" else "cpu")
     if peer is not None:
         ours_s, torch_s, vs_torch = compare(ours, peer, pairs)
     else:
@@ -329,7 +406,7 @@ def plot(rows, path):
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("batch size")
-    axis.set_ylabel("speedup vs torch.nn.LSTM (CPU)")
+    axis.set_ylabel("speedup vs torch.nn.LSTM")
     axis.legend(fontsize="small", ncol=2)
     figure.tight_layout()
     figure.savefig(path)
@@ -370,32 +447,68 @@ def sequence_report(pairs=PAIRS, steps=STEPS):
     return lines
 
 
+def allow_cudnn_tf32(allowed):
+    """Let cuDNN run torch's fp32 LSTM on TF32 tensor cores (torch's default) or not
+    (full fp32, as nblstm computes). A setting of torch's, changed only by the
+    GPU benchmark."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
+def machine_facts(backend):
+    """What the table is read against: the GEMM rate per dtype tag and, on the CPU,
+    read rates, or on the GPU, the device and the cost of one kernel launch."""
+    if backend == "cuda":
+        from ._availability import cuda_status
+
+        return {"device": str(cuda_status()),
+                "gemm_gflops": {tag: gpu_gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()},
+                "launch_us": kernel_launch_seconds() * 1e6}
+    return {"gemm_gflops": {tag: gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()},
+            "read_gbps": {f"{size}MiB": read_rate(size) for size in READ_SIZES_MIB}}
+
+
+def _describe(facts):
+    lines = []
+    if "device" in facts:
+        lines.append(f"Device: {facts['device']}; one kernel launch: "
+                     f"{facts['launch_us']:.1f} us")
+    edge = GPU_GEMM_EDGE if "device" in facts else GEMM_EDGE
+    lines.append(f"GEMM rate at {edge}^3: " + ", ".join(
+        f"{tag} {rate:.0f} GFLOP/s" for tag, rate in facts["gemm_gflops"].items()))
+    if "read_gbps" in facts:
+        lines.append("Read rate: " + ", ".join(f"{size} {rate:.0f} GB/s"
+                                               for size, rate in facts["read_gbps"].items()))
+    return lines
+
+
 def run(args):
     """``python -m nblstm bench``: measure the grid and print (or dump) the table."""
     match_torch_threads()
     if args.sequences:
         print("\n".join(sequence_report(args.pairs, args.steps)))
         return 0
+    on_gpu = args.backend == "cuda"
+    if on_gpu:
+        allow_cudnn_tf32(args.tf32)
     points = grid(quick=args.quick, steps=args.steps, hidden_sizes=args.hidden,
-                  batch_sizes=args.batch, dtypes=args.dtype)
-    rates = {tag: gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()}
-    read_rates = {f"{size}MiB": read_rate(size) for size in READ_SIZES_MIB}
+                  batch_sizes=args.batch, dtypes=args.dtype, gpu=on_gpu)
+    facts = machine_facts(args.backend)
     rows = []
     for done, point in enumerate(points):
         _progress(done, len(points), point.name(args.backend))
-        rows.append(measure(point, args.backend, args.pairs, rates[point.dtype],
+        rows.append(measure(point, args.backend, args.pairs, facts["gemm_gflops"][point.dtype],
                             with_numpy=args.numpy))
     _progress(len(points), len(points), "done")
     sys.stderr.write("\n")
     if args.json:
-        print(json.dumps({"gemm_gflops": rates, "read_gbps": read_rates,
-                          "threads": numba.get_num_threads(),
+        print(json.dumps({**facts, "threads": numba.get_num_threads(),
                           "rows": [asdict(row) for row in rows]}, indent=1))
     else:
-        print(f"GEMM rate at {GEMM_EDGE}^3: " + ", ".join(f"{tag} {rate:.0f} GFLOP/s"
-                                                          for tag, rate in rates.items()))
-        print("Read rate: " + ", ".join(f"{size} {rate:.0f} GB/s"
-                                        for size, rate in read_rates.items()))
+        print("\n".join(_describe(facts)))
         print(format_table(rows))
     if args.plot:
         plot(rows, args.plot)

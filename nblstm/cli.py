@@ -40,7 +40,13 @@ def main(argv=None):
                              "torch's packed path, bidirectional vs unidirectional")
     timing.add_argument("--plot", metavar="FILE.png", help="draw speedup vs batch size "
                                                            "(needs matplotlib)")
-    timing.add_argument("--backend", default="cpu", help="backend to time (default: cpu)")
+    timing.add_argument("--backend", default="cpu", choices=("cpu", "cuda"),
+                        help="backend to time (default: cpu); cuda times device-resident "
+                             "inputs against torch.nn.LSTM on the GPU (cuDNN) over "
+                             "H 256/1024, B 1/8/64/256")
+    timing.add_argument("--tf32", action="store_true",
+                        help="with --backend cuda: let cuDNN use TF32 (torch's default); "
+                             "without it, cuDNN computes in full fp32 as nblstm does")
     timing.add_argument("--pairs", type=int, default=bench.PAIRS,
                         help=f"interleaved timing pairs per point (default: {bench.PAIRS})")
     timing.add_argument("--steps", type=int, default=bench.STEPS,

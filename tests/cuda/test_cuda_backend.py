@@ -13,8 +13,13 @@ from helpers import (TOLERANCE, as_float64, assert_matches_reference, random_pro
 from nblstm._device import is_device_array
 
 DTYPES = [np.float32, np.float64]
+ON_GPU = not config.ENABLE_CUDASIM
 # (T, B, I, H): B=1, T=1, I != H, H and 4H not multiples of the simulator's tile (4).
 SHAPES = [(1, 1, 1, 1), (3, 2, 3, 5), (2, 3, 6, 3), (4, 1, 2, 7)]
+# On a GPU also shapes spanning several GEMM tiles (16 wide there) with ragged edges,
+# and T*B over the column reduction's REDUCE_ROWS (64), so it sums several parts.
+if ON_GPU:
+    SHAPES += [(5, 33, 70, 37), (3, 130, 17, 129)]
 
 pytestmark = pytest.mark.skipif(not nblstm.available_backends()["cuda"].available,
                                 reason="no GPU and not under the simulator")
@@ -164,23 +169,32 @@ def test_launch_config_fits_the_device():
 
     launch = launch_config()
     assert launch.gemm_tile >= 1 and launch.pointwise_block >= 1
-    if not config.ENABLE_CUDASIM:
+    if ON_GPU:
         device = cuda.get_current_device()
         assert launch.gemm_tile ** 2 <= device.MAX_THREADS_PER_BLOCK
         assert launch.pointwise_block % device.WARP_SIZE == 0
 
 
+# (T, I, H, lengths): tiny under the simulator; on a GPU also one spanning several tiles.
+LAYER_SHAPES = [(4, 2, 3, (4, 0, 2))]
+if ON_GPU:
+    LAYER_SHAPES.append((9, 19, 45, tuple(np.random.default_rng(11).integers(0, 10, 70))))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bidirectional_stack_with_lengths_and_dropout(dtype):
+@pytest.mark.parametrize("steps, inputs, hidden, lengths", LAYER_SHAPES,
+                         ids=[f"T{s[0]}-B{len(s[3])}-H{s[2]}" for s in LAYER_SHAPES])
+def test_bidirectional_stack_with_lengths_and_dropout(dtype, steps, inputs, hidden, lengths):
     rng = np.random.default_rng(10)
     options = dict(num_layers=2, bidirectional=True, dropout=0.3)
-    lstm = nblstm.LSTM(2, 3, dtype=dtype, backend="cuda", rng=np.random.default_rng(1), **options)
-    reference = nblstm.LSTM(2, 3, dtype=np.float64, backend="numpy",
+    lstm = nblstm.LSTM(inputs, hidden, dtype=dtype, backend="cuda", rng=np.random.default_rng(1),
+                       **options)
+    reference = nblstm.LSTM(inputs, hidden, dtype=np.float64, backend="numpy",
                             rng=np.random.default_rng(1), **options)
     reference.params = [[p.astype(np.float64) for p in layer] for layer in lstm.params]
-    x = rng.standard_normal((4, 3, 2)).astype(dtype)
-    dy = rng.standard_normal((4, 3, 6)).astype(dtype)
-    lengths = np.array([4, 0, 2])
+    lengths = np.array(lengths)
+    x = rng.standard_normal((steps, len(lengths), inputs)).astype(dtype)
+    dy = rng.standard_normal((steps, len(lengths), 2 * hidden)).astype(dtype)
     results = []
     for model in (lstm, reference):
         y, (h_n, c_n) = model.forward(x.astype(model.dtype), lengths=lengths)
@@ -202,3 +216,12 @@ def test_layer_on_device_arrays_stays_on_device():
     host.params = [[p.to_host() for p in layer] for layer in lstm.params]
     expected, _ = host.forward(x, lengths=np.array([3, 1]))
     assert relative_error(y.copy_to_host(), expected) < 1e-5
+
+
+def test_gpu_benchmark_runs():
+    from nblstm import bench
+
+    assert bench.kernel_launch_seconds(launches=2) > 0
+    for mode in bench.MODES:
+        row = bench.measure(bench.Point(2, 1, 4, "f32", mode), "cuda", pairs=1, with_numpy=False)
+        assert row.point == f"cuda-{mode}-f32-H4-B1" and row.ms > 0
