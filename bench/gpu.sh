@@ -14,7 +14,7 @@ logs="${1:-.}"
 mkdir -p "$logs"
 status=0
 nvidia-smi -L 2>&1 | tee "$logs/device.txt"
-python3 -P -m nblstm verify 2>&1 | tee "$logs/verify.txt" || status=1
+python3 -P -m nblstm verify --backend cuda 2>&1 | tee "$logs/verify.txt" || status=1
 NBLSTM_CUDA_SUITE=1 python3 -P -m pytest -q -p no:cacheprovider tests/cuda 2>&1 \
     | tee "$logs/cuda-tests.txt" || status=1
 for precision in fp32 tf32; do
