@@ -9,11 +9,15 @@ fixed order, so reruns are bit-identical.
 
 Every launch goes to the caller's stream; nothing here synchronises with the
 host. Launch sizes come from :class:`LaunchConfig`, derived from the device's
-properties (with small fallbacks under the simulator).
+properties (with small fallbacks under the simulator). Each time loop
+configures its per-step launches once, before the loop: launching from
+Python costs tens of microseconds per kernel, which at small sizes is most
+of a step.
 
 All arrays are Numba device arrays (or the simulator's); the callers in
 ``nblstm`` validate and allocate.
 """
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,6 +37,10 @@ SIMULATOR_BLOCK = 32
 BLOCKS_PER_LIMIT = 4
 #: Threads per block for elementwise kernels, in warps.
 POINTWISE_WARPS = 8
+#: numba-cuda's warning for grids of fewer than 128 blocks. The step kernels
+#: run B*H threads, a few blocks at small B, by design; the warning would
+#: come at every configured launch.
+SMALL_GRID_WARNING = r"Grid size \d+ will likely result in GPU under-utilization"
 
 
 @dataclass(frozen=True)
@@ -359,17 +367,35 @@ def kernel(name, dtype):
     return _compiled(name, dtype, launch_config().gemm_tile)
 
 
+def _configured(name, dtype, griddim, blockdim, stream):
+    """Kernel ``name`` for ``dtype``, configured for one launch shape on ``stream``;
+    call it with the kernel's arguments, as often as needed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SMALL_GRID_WARNING)
+        return kernel(name, dtype)[griddim, blockdim, stream]
+
+
+def gemm_launcher(rows, cols, dtype, stream):
+    """The GEMM kernel configured for a (rows, cols) output; call it as
+    ``launch(a, b, c, trans_a, trans_b, accumulate)`` (see :func:`make_gemm_kernel`)."""
+    tile = launch_config().gemm_tile
+    return _configured("gemm", dtype, (_blocks(cols, tile), _blocks(rows, tile)), (tile, tile),
+                       stream)
+
+
+def pointwise_launcher(name, count, dtype, stream):
+    """Elementwise kernel ``name`` configured for ``count`` threads."""
+    block = launch_config().pointwise_block
+    return _configured(name, dtype, _blocks(count, block), block, stream)
+
+
 def gemm(a, b, c, stream, trans_a=False, trans_b=False, accumulate=False):
     """Launch ``c = [c +] op(a) @ op(b)`` on ``stream`` (see :func:`make_gemm_kernel`)."""
-    tile = launch_config().gemm_tile
-    rows, cols = c.shape
-    kernel("gemm", c.dtype)[(_blocks(cols, tile), _blocks(rows, tile)), (tile, tile), stream](
-        a, b, c, trans_a, trans_b, accumulate)
+    gemm_launcher(*c.shape, c.dtype, stream)(a, b, c, trans_a, trans_b, accumulate)
 
 
 def _pointwise(name, count, stream, *args):
-    block = launch_config().pointwise_block
-    kernel(name, args[0].dtype)[_blocks(count, block), block, stream](*args)
+    pointwise_launcher(name, count, args[0].dtype, stream)(*args)
 
 
 def copy_3d(src, dst, stream, swap_leading=False):
@@ -434,14 +460,19 @@ def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
         _pointwise("add_bias", flat_gates.size, stream, flat_gates, b)
         copy_2d(h0[d], h_ring[d, 0], stream)
         copy_2d(c0[d], c_ring[d, 0], stream)
+    recurrent_product = gemm_launcher(batch, four_hidden, x.dtype, stream)
+    cell = pointwise_launcher("cell_forward", batch * hidden, x.dtype, stream)
+    # Each direction's arrays, sliced once: slicing a device array costs about
+    # as much as a launch.
+    directions = [(w_h, gates[d], z[d], (h_ring[d, 0], h_ring[d, 1]), (c_ring[d, 0], c_ring[d, 1]),
+                   (saved[1][d], saved[2][d]) if saved is not None else (h_ring[d], c_ring[d]))
+                  for d, (_, w_h, _) in enumerate(params)]
     for step in range(steps):
         now, after = step % 2, (step + 1) % 2
-        for d, (_, w_h, _) in enumerate(params):
-            states = (saved[1][d], saved[2][d]) if saved is not None else (h_ring[d], c_ring[d])
-            gemm(h_ring[d, now], w_h, z[d], stream)
-            _pointwise("cell_forward", batch * hidden, stream, gates[d], z[d], h_ring[d, now],
-                       c_ring[d, now], lengths, step, d == 1, y, d * hidden, h_ring[d, after],
-                       c_ring[d, after], *states, saved is not None)
+        for d, (w_h, gates_d, z_d, h, c, states) in enumerate(directions):
+            recurrent_product(h[now], w_h, z_d, False, False, False)
+            cell(gates_d, z_d, h[now], c[now], lengths, step, d == 1, y, d * hidden, h[after],
+                 c[after], *states, saved is not None)
     for d in range(n_dirs):
         _pointwise("final_state", batch * hidden, stream, h_ring[d], lengths, h_n[d])
         _pointwise("final_state", batch * hidden, stream, c_ring[d], lengths, c_n[d])
@@ -474,13 +505,19 @@ def backward(x, params, saved, lengths, dy, dh_n, dc_n, grads, stream):
     for d in range(n_dirs):
         copy_2d(dc_n[d], dc[d], stream)
     has_dy = dy is not None
+    recurrent_product = gemm_launcher(batch, hidden, x.dtype, stream)
+    cell = pointwise_launcher("cell_backward", batch * hidden, x.dtype, stream)
+    # Each direction's arrays, sliced once (see forward).
+    directions = [(w_h, gates[d], cell_states[d], dh_step[d], dh_n[d],
+                   dy if has_dy else d_gates[d], dc[d], dz_step[d], d_gates[d])
+                  for d, (_, w_h, _) in enumerate(params)]
     for step in range(steps - 1, -1, -1):
-        for d, (_, w_h, _) in enumerate(params):
+        for d, (w_h, *arrays) in enumerate(directions):
+            gates_d, cells_d, dh_step_d, dh_n_d, dy_d, dc_d, dz_step_d, d_gates_d = arrays
             if step + 1 < steps:
-                gemm(dz_step[d], w_h, dh_step[d], stream, trans_b=True)
-            _pointwise("cell_backward", batch * hidden, stream, gates[d], cell_states[d],
-                       dh_step[d], dh_n[d], dy if has_dy else d_gates[d], d * hidden, has_dy,
-                       lengths, step, d == 1, dc[d], dz_step[d], d_gates[d])
+                recurrent_product(dz_step_d, w_h, dh_step_d, False, True, False)
+            cell(gates_d, cells_d, dh_step_d, dh_n_d, dy_d, d * hidden, has_dy, lengths, step,
+                 d == 1, dc_d, dz_step_d, d_gates_d)
     flat_x = x.reshape(steps * batch, inputs)
     flat_dx = dx.reshape(steps * batch, inputs)
     for d, (w_x, w_h, _) in enumerate(params):
