@@ -39,8 +39,9 @@ BLOCKS_PER_LIMIT = 4
 POINTWISE_WARPS = 8
 #: numba-cuda's warning for grids of fewer than 128 blocks. The step kernels
 #: run B*H threads, a few blocks at small B, by design; the warning would
-#: come at every configured launch.
-SMALL_GRID_WARNING = r"Grid size \d+ will likely result in GPU under-utilization"
+#: come at every configured launch. The message may start with terminal
+#: highlighting, hence the leading ``.*``.
+SMALL_GRID_WARNING = r".*Grid size \d+ will likely result in GPU under-utilization"
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 Runs in its own process (tests/test_cuda_suite.py): on a real GPU when there
 is one, else under Numba's simulator with tiny shapes.
 """
+import re
+import warnings
+
 import numpy as np
 import pytest
 from numba import config, cuda
@@ -225,3 +228,14 @@ def test_gpu_benchmark_runs():
     for mode in bench.MODES:
         row = bench.measure(bench.Point(2, 1, 4, "f32", mode), "cuda", pairs=1, with_numpy=False)
         assert row.point == f"cuda-{mode}-f32-H4-B1" and row.ms > 0
+
+
+def test_small_launches_do_not_warn():
+    from nblstm.kernels import cuda as kernels
+
+    highlighted = ("\x1b[1mGrid size 1 will likely result in GPU under-utilization due to low "
+                   "occupancy.\x1b[0m")
+    assert re.match(kernels.SMALL_GRID_WARNING, highlighted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.pointwise_launcher("fill", 1, np.float32, cuda.default_stream())
