@@ -493,6 +493,11 @@ def run(args):
         return 0
     on_gpu = args.backend == "cuda"
     if on_gpu:
+        from ._availability import cuda_status
+
+        if not cuda_status().available:
+            sys.stderr.write(f"--backend cuda: the cuda backend is {cuda_status()}\n")
+            return 2
         allow_cudnn_tf32(args.tf32)
     points = grid(quick=args.quick, steps=args.steps, hidden_sizes=args.hidden,
                   batch_sizes=args.batch, dtypes=args.dtype, gpu=on_gpu)

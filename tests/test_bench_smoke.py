@@ -76,3 +76,12 @@ def test_torch_threads_are_set_only_when_they_differ(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", other)
     bench.match_torch_threads()
     assert other.calls == [numba.get_num_threads()]
+
+
+def test_gpu_bench_without_a_gpu_says_why(capsys, monkeypatch):
+    from nblstm import _availability
+
+    monkeypatch.setattr(_availability, "cuda_status",
+                        lambda: _availability.BackendStatus(False, "unavailable: no GPU here"))
+    assert main(["bench", "--backend", "cuda", "--steps", "2", "--hidden", "4"]) == 2
+    assert "--backend cuda: the cuda backend is unavailable: no GPU here" in capsys.readouterr().err
