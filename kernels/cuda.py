@@ -26,12 +26,41 @@ from numba.np.numpy_support import from_dtype
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
 
+if config.ENABLE_CUDASIM:
+    def grid_sync():
+        """Wait for every thread of the grid. The simulator runs cooperative grids
+        of one block only, where the block's barrier is the grid's."""
+        cuda.syncthreads()
+else:
+    from numba import njit
+    from numba.cuda.cg import _grid_group_sync, _this_grid
+
+    @njit(inline="always")
+    def grid_sync():
+        """Wait for every thread of the grid (the kernel then launches cooperatively).
+
+        Cooperative groups' ``this_grid().sync()`` through its intrinsics: the
+        public overloads compile as device functions, which numba-cuda 0.30
+        cannot build without a driver, so ``compile_ptx`` would fail on them.
+        """
+        _grid_group_sync(_this_grid())
+
 #: Rows summed by one thread in the first pass of the column reduction.
 REDUCE_ROWS = 64
 #: Fallback launch sizes under the simulator, whose device has no properties
 #: and which runs every thread as a Python thread.
 SIMULATOR_TILE = 4
 SIMULATOR_BLOCK = 32
+SIMULATOR_LANES = 4
+SIMULATOR_SLICES = 2
+#: The persistent forward loop (:func:`make_recurrent_forward_kernel`): batch
+#: rows per work item (one pass over W_h serves all of them) and slices of the
+#: recurrent product's depth per block (one warp each on a GPU).
+LOOP_ROWS = 4
+LOOP_SLICES = 8
+#: Largest batch for which the forward runs as one persistent launch per
+#: direction instead of two launches per step.
+PERSISTENT_MAX_BATCH = 1024
 #: Blocks are sized to a quarter of the device's thread limit, so several
 #: blocks can share a multiprocessor.
 BLOCKS_PER_LIMIT = 4
@@ -50,16 +79,21 @@ class LaunchConfig:
 
     gemm_tile: edge of the square GEMM tile; GEMM blocks are (tile, tile).
     pointwise_block: threads per block of the elementwise kernels.
+    loop_lanes, loop_slices: the persistent loop's blocks are (lanes * slices)
+    threads: ``lanes`` consecutive hidden units, each summed over ``slices``
+    interleaved slices of the depth (a warp per slice on a GPU).
     """
 
     gemm_tile: int
     pointwise_block: int
+    loop_lanes: int
+    loop_slices: int
 
 
 @lru_cache(maxsize=None)
 def _config_for(device_id):
     if config.ENABLE_CUDASIM:
-        return LaunchConfig(SIMULATOR_TILE, SIMULATOR_BLOCK)
+        return LaunchConfig(SIMULATOR_TILE, SIMULATOR_BLOCK, SIMULATOR_LANES, SIMULATOR_SLICES)
     device = cuda.get_current_device()
     max_threads = device.MAX_THREADS_PER_BLOCK
     shared_bytes = device.MAX_SHARED_MEMORY_PER_BLOCK
@@ -67,7 +101,8 @@ def _config_for(device_id):
     while ((2 * tile) ** 2 <= max_threads // BLOCKS_PER_LIMIT
            and 2 * (2 * tile) ** 2 * 8 <= shared_bytes):
         tile *= 2
-    return LaunchConfig(tile, min(max_threads, POINTWISE_WARPS * device.WARP_SIZE))
+    return LaunchConfig(tile, min(max_threads, POINTWISE_WARPS * device.WARP_SIZE),
+                        device.WARP_SIZE, LOOP_SLICES)
 
 
 def launch_config():
@@ -170,6 +205,91 @@ def cell_forward_kernel(gates, z, h_prev, c_prev, lengths, step, reverse, y, y_o
             c_next[r, u] = c
             h_next[r, u] = h
             y[t, r, y_offset + u] = h
+
+
+def make_recurrent_forward_kernel(dtype, lanes, slices):
+    """The persistent forward time loop (plain Python) for one dtype and block shape.
+
+    ``recurrent_forward(gates, w_h, h_ring, c_ring, lengths, reverse, y, y_offset,
+    hidden_states, cell_states, save)`` runs every step of one direction in one
+    cooperative launch, with a grid-wide barrier between steps; arguments as
+    :func:`cell_forward_kernel`'s, with h_ring, c_ring: (2, B, H), slot 0 holding
+    h0/c0, and row b's final state in slot ``lengths[b] % 2`` on exit.
+
+    A work item is ``lanes`` consecutive units for LOOP_ROWS rows. Blocks are
+    ``lanes * slices`` threads: thread (slice, lane) sums its unit's four gates
+    over k = slice, slice + slices, ..., reading one row of W_h's gate columns
+    for all the item's rows at once (the lanes read consecutive addresses). The
+    slices' partial sums meet in shared memory, where the first slice adds them,
+    in slice order, to the step's input projection, and applies the cell. Each
+    output is summed by one thread in a fixed order: reruns are bit-identical.
+    """
+    element = from_dtype(dtype)
+    rows = LOOP_ROWS
+
+    def recurrent_forward(gates, w_h, h_ring, c_ring, lengths, reverse, y, y_offset,
+                          hidden_states, cell_states, save):
+        partial = cuda.shared.array((N_GATES, rows, slices, lanes), element)
+        sums = cuda.local.array((N_GATES, rows), element)
+        lane = cuda.threadIdx.x % lanes
+        depth_slice = cuda.threadIdx.x // lanes
+        steps, batch = gates.shape[0], gates.shape[1]
+        hidden = w_h.shape[0]
+        n_groups = (hidden + lanes - 1) // lanes
+        n_items = n_groups * ((batch + rows - 1) // rows)
+        zero = element(0)
+        for step in range(steps):
+            now = step % 2
+            after = 1 - now
+            for item in range(cuda.blockIdx.x, n_items, cuda.gridDim.x):
+                unit = (item % n_groups) * lanes + lane
+                row_lo = (item // n_groups) * rows
+                for gate in range(N_GATES):
+                    for row in range(rows):
+                        sums[gate, row] = zero
+                if unit < hidden:
+                    for k in range(depth_slice, hidden, slices):
+                        w_i = w_h[k, unit]
+                        w_f = w_h[k, hidden + unit]
+                        w_g = w_h[k, 2 * hidden + unit]
+                        w_o = w_h[k, 3 * hidden + unit]
+                        for row in range(rows):
+                            h_k = h_ring[now, min(row_lo + row, batch - 1), k]
+                            sums[0, row] += h_k * w_i
+                            sums[1, row] += h_k * w_f
+                            sums[2, row] += h_k * w_g
+                            sums[3, row] += h_k * w_o
+                for gate in range(N_GATES):
+                    for row in range(rows):
+                        partial[gate, row, depth_slice, lane] = sums[gate, row]
+                cuda.syncthreads()
+                if depth_slice == 0 and unit < hidden:
+                    for row in range(rows):
+                        r = row_lo + row
+                        if r < batch and step < lengths[r]:
+                            t = step_time(step, lengths[r], reverse)
+                            for gate in range(N_GATES):
+                                total = gates[t, r, gate * hidden + unit]
+                                for part in range(slices):
+                                    total += partial[gate, row, part, lane]
+                                sums[gate, row] = total
+                            i, f, g, o, c, h = cell_forward(sums[0, row], sums[1, row],
+                                                            sums[2, row], sums[3, row],
+                                                            c_ring[now, r, unit])
+                            if save:
+                                hidden_states[t, r, unit] = h_ring[now, r, unit]
+                                cell_states[t, r, unit] = c_ring[now, r, unit]
+                            gates[t, r, unit] = i
+                            gates[t, r, hidden + unit] = f
+                            gates[t, r, 2 * hidden + unit] = g
+                            gates[t, r, 3 * hidden + unit] = o
+                            c_ring[after, r, unit] = c
+                            h_ring[after, r, unit] = h
+                            y[t, r, y_offset + unit] = h
+                cuda.syncthreads()
+            grid_sync()
+
+    return recurrent_forward
 
 
 def final_state_kernel(ring, lengths, out):
@@ -321,6 +441,8 @@ def signatures(dtype):
         "add_bias": (matrix, vector),
         "cell_forward": (cube, matrix, matrix, matrix, lengths, index, flag, cube, index,
                          matrix, matrix, cube, cube, flag),
+        "recurrent_forward": (cube, matrix, cube, cube, lengths, flag, cube, index, cube, cube,
+                              flag),
         "final_state": (cube, lengths, matrix),
         "clear_padding": (cube, lengths, index),
         "cell_backward": (cube, cube, matrix, matrix, cube, index, flag, lengths, index, flag,
@@ -353,19 +475,24 @@ _PLAIN_KERNELS = {
 }
 
 
-def python_kernel(name, dtype, tile):
-    """The plain Python function of kernel ``name`` (``tile`` matters for ``"gemm"``)."""
-    return make_gemm_kernel(dtype, tile) if name == "gemm" else _PLAIN_KERNELS[name]
+def python_kernel(name, dtype, launch):
+    """The plain Python function of kernel ``name``; ``launch`` (a :class:`LaunchConfig`)
+    shapes ``"gemm"`` and ``"recurrent_forward"``."""
+    if name == "gemm":
+        return make_gemm_kernel(dtype, launch.gemm_tile)
+    if name == "recurrent_forward":
+        return make_recurrent_forward_kernel(dtype, launch.loop_lanes, launch.loop_slices)
+    return _PLAIN_KERNELS[name]
 
 
 @lru_cache(maxsize=None)
-def _compiled(name, dtype, tile):
-    return cuda.jit(types.void(*signatures(dtype)[name]))(python_kernel(name, dtype, tile))
+def _compiled(name, dtype, launch):
+    return cuda.jit(types.void(*signatures(dtype)[name]))(python_kernel(name, dtype, launch))
 
 
 def kernel(name, dtype):
     """Kernel ``name`` compiled for ``dtype`` on the current device (once per process)."""
-    return _compiled(name, dtype, launch_config().gemm_tile)
+    return _compiled(name, dtype, launch_config())
 
 
 def _configured(name, dtype, griddim, blockdim, stream):
@@ -434,8 +561,55 @@ def column_sums(values, out, stream):
     _pointwise("column_sums", cols, stream, partial, out)
 
 
+def _loop_threads():
+    launch = launch_config()
+    return launch.loop_lanes * launch.loop_slices
+
+
+@lru_cache(maxsize=None)
+def _cooperative_limit(dtype, launch):
+    """Most blocks of the persistent loop that fit on the device at once (1 under the
+    simulator, which runs cooperative grids of one block only)."""
+    if config.ENABLE_CUDASIM:
+        return 1
+    compiled = next(iter(kernel("recurrent_forward", dtype).overloads.values()))
+    return compiled.max_cooperative_grid_blocks(launch.loop_lanes * launch.loop_slices)
+
+
+def persistent_blocks(batch, hidden, dtype):
+    """Blocks for the persistent forward loop of a (B, H) problem, or 0 when the
+    forward takes two launches per step instead (B above PERSISTENT_MAX_BATCH)."""
+    if batch > PERSISTENT_MAX_BATCH:
+        return 0
+    launch = launch_config()
+    items = -(-hidden // launch.loop_lanes) * -(-batch // LOOP_ROWS)
+    return min(items, _cooperative_limit(dtype, launch))
+
+
+def _stepwise_forward(gates, w_hs, h_ring, c_ring, lengths, y, states, save, stream):
+    """The forward time loop as one recurrent GEMM and one cell launch per step and
+    direction. Arrays as in :func:`forward`; states: per direction the
+    (hidden_states, cell_states) to fill, or the rings (then unused)."""
+    n_dirs, _, batch, hidden = h_ring.shape
+    z = cuda.device_array((n_dirs, batch, N_GATES * hidden), y.dtype, stream=stream)
+    recurrent_product = gemm_launcher(batch, N_GATES * hidden, y.dtype, stream)
+    cell = pointwise_launcher("cell_forward", batch * hidden, y.dtype, stream)
+    # Each direction's arrays, sliced once: slicing a device array costs about
+    # as much as a launch.
+    directions = [(w_h, gates[d], z[d], (h_ring[d, 0], h_ring[d, 1]), (c_ring[d, 0], c_ring[d, 1]))
+                  for d, w_h in enumerate(w_hs)]
+    for step in range(y.shape[0]):
+        now, after = step % 2, (step + 1) % 2
+        for d, (w_h, gates_d, z_d, h, c) in enumerate(directions):
+            recurrent_product(h[now], w_h, z_d, False, False, False)
+            cell(gates_d, z_d, h[now], c[now], lengths, step, d == 1, y, d * hidden, h[after],
+                 c[after], *states[d], save)
+
+
 def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
-    """Input projections, then per step and direction one GEMM and one cell kernel.
+    """Input projections, then the time loop: one persistent launch per direction
+    (:func:`make_recurrent_forward_kernel`) or, above PERSISTENT_MAX_BATCH rows,
+    one GEMM and one cell launch per step and direction.
 
     x: (T, B, I) contiguous; params: per direction (W_x (I, 4H), W_h (H, 4H), b (4H,));
     direction 1 runs in reverse
@@ -453,7 +627,6 @@ def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
         (n_dirs, steps, batch, four_hidden), x.dtype, stream=stream)
     h_ring = cuda.device_array((n_dirs, 2, batch, hidden), x.dtype, stream=stream)
     c_ring = cuda.device_array((n_dirs, 2, batch, hidden), x.dtype, stream=stream)
-    z = cuda.device_array((n_dirs, batch, four_hidden), x.dtype, stream=stream)
     flat_x = x.reshape(steps * batch, inputs)
     for d, (w_x, _, b) in enumerate(params):
         flat_gates = gates[d].reshape(steps * batch, four_hidden)
@@ -461,19 +634,17 @@ def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
         _pointwise("add_bias", flat_gates.size, stream, flat_gates, b)
         copy_2d(h0[d], h_ring[d, 0], stream)
         copy_2d(c0[d], c_ring[d, 0], stream)
-    recurrent_product = gemm_launcher(batch, four_hidden, x.dtype, stream)
-    cell = pointwise_launcher("cell_forward", batch * hidden, x.dtype, stream)
-    # Each direction's arrays, sliced once: slicing a device array costs about
-    # as much as a launch.
-    directions = [(w_h, gates[d], z[d], (h_ring[d, 0], h_ring[d, 1]), (c_ring[d, 0], c_ring[d, 1]),
-                   (saved[1][d], saved[2][d]) if saved is not None else (h_ring[d], c_ring[d]))
-                  for d, (_, w_h, _) in enumerate(params)]
-    for step in range(steps):
-        now, after = step % 2, (step + 1) % 2
-        for d, (w_h, gates_d, z_d, h, c, states) in enumerate(directions):
-            recurrent_product(h[now], w_h, z_d, False, False, False)
-            cell(gates_d, z_d, h[now], c[now], lengths, step, d == 1, y, d * hidden, h[after],
-                 c[after], *states, saved is not None)
+    states = [(saved[1][d], saved[2][d]) if saved is not None else (h_ring[d], c_ring[d])
+              for d in range(n_dirs)]
+    blocks = persistent_blocks(batch, hidden, x.dtype)
+    if blocks:
+        loop = _configured("recurrent_forward", x.dtype, blocks, _loop_threads(), stream)
+        for d, (_, w_h, _) in enumerate(params):
+            loop(gates[d], w_h, h_ring[d], c_ring[d], lengths, d == 1, y, d * hidden, *states[d],
+                 saved is not None)
+    else:
+        _stepwise_forward(gates, [w_h for _, w_h, _ in params], h_ring, c_ring, lengths, y,
+                          states, saved is not None, stream)
     for d in range(n_dirs):
         _pointwise("final_state", batch * hidden, stream, h_ring[d], lengths, h_n[d])
         _pointwise("final_state", batch * hidden, stream, c_ring[d], lengths, c_n[d])

@@ -15,8 +15,9 @@ from nblstm.kernels import cuda as kernels
 COMPUTE_CAPABILITIES = [(9, 0), (8, 0)]
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
 KERNELS = sorted(kernels.signatures(DTYPES[0]))
-#: GEMM tile edges a device may be given (launch_config picks from its limits).
-TILES = [8, 16, 32]
+#: Launch shapes a device may be given (launch_config picks from its limits): GEMM
+#: tile edges (the other kernels take one launch shape).
+LAUNCHES = [kernels.LaunchConfig(tile, 256, 32, kernels.LOOP_SLICES) for tile in (8, 16, 32)]
 FLOAT64_INSTRUCTION = re.compile(r"\.f64\b")
 
 pytestmark = pytest.mark.skipif(config.ENABLE_CUDASIM, reason="compile_ptx needs the real "
@@ -28,10 +29,8 @@ pytestmark = pytest.mark.skipif(config.ENABLE_CUDASIM, reason="compile_ptx needs
 @pytest.mark.parametrize("name", KERNELS)
 def test_kernel_compiles_to_ptx(name, dtype, cc):
     signature = kernels.signatures(dtype)[name]
-    tiles = TILES if name == "gemm" else TILES[1:2]
-    for tile in tiles:
-        ptx, _ = cuda.compile_ptx(kernels.python_kernel(name, dtype, tile), signature,
-                                            cc=cc)
+    for launch in LAUNCHES if name == "gemm" else LAUNCHES[1:2]:
+        ptx, _ = cuda.compile_ptx(kernels.python_kernel(name, dtype, launch), signature, cc=cc)
         assert ".entry" in ptx and f".target sm_{cc[0]}{cc[1]}" in ptx
         if dtype == np.float32:
             assert not FLOAT64_INSTRUCTION.search(ptx), f"{name} float32 PTX holds .f64"

@@ -48,6 +48,31 @@ def test_matches_reference(shape, dtype):
     assert_matches_reference(actual, problem)
 
 
+#: PERSISTENT_MAX_BATCH values that send every forward down one loop or the other.
+FORWARD_LOOPS = {"stepwise": 0, "persistent": 1 << 20}
+
+
+@pytest.mark.parametrize("loop", FORWARD_LOOPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_forward_loops_match_the_reference(loop, dtype, monkeypatch):
+    from nblstm.kernels import cuda as kernels
+
+    monkeypatch.setattr(kernels, "PERSISTENT_MAX_BATCH", FORWARD_LOOPS[loop])
+    for shape in SHAPES[-2:]:
+        problem = random_problem(*shape, dtype, np.random.default_rng(sum(shape)))
+        assert_matches_reference(run(problem, "cuda"), problem)
+    lengths = np.array([3, 0, 2])
+    model = nblstm.LSTM(3, 5, bidirectional=True, dtype=dtype, backend="cuda", rng=1)
+    reference = nblstm.LSTM(3, 5, bidirectional=True, dtype=np.float64, backend="numpy")
+    reference.params = [[p.astype(np.float64) for p in layer] for layer in model.params]
+    x = np.random.default_rng(12).standard_normal((3, 3, 3))
+    for training in (True, False):
+        y, (h_n, c_n) = model.forward(x.astype(dtype), lengths=lengths, training=training)
+        expected_y, (expected_h, expected_c) = reference.forward(x, lengths=lengths)
+        for actual, expected in ((y, expected_y), (h_n, expected_h), (c_n, expected_c)):
+            assert relative_error(actual, expected) <= TOLERANCE[np.dtype(dtype)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_device_inputs_give_device_outputs_without_host_copies(dtype, monkeypatch):
     problem = random_problem(3, 2, 3, 5, dtype, np.random.default_rng(2))
