@@ -292,6 +292,84 @@ def make_recurrent_forward_kernel(dtype, lanes, slices):
     return recurrent_forward
 
 
+def make_recurrent_backward_kernel(dtype, lanes, slices):
+    """The persistent backward time loop (plain Python) for one dtype and block shape.
+
+    ``recurrent_backward(gates, cell_states, w_h_t, dz_ring, dh_n, dy, y_offset,
+    has_dy, lengths, reverse, dc, d_gates)`` runs every step of one direction,
+    last to first, in one cooperative launch with a grid-wide barrier between
+    steps. Arguments as :func:`cell_backward_kernel`'s, and:
+
+    w_h_t: (4H, H) W_h transposed, so that the lanes (consecutive units) read
+    consecutive addresses
+    dz_ring: (2, B, 4H) scratch: step s writes its pre-activation gradients to
+    slot s % 2 and reads step s + 1's from the other; row b's at its first
+    step (every row that runs at all) are in slot 0 on exit
+
+    Work items and partial sums as in :func:`make_recurrent_forward_kernel`,
+    over the 4H-deep product ``dz_{s+1} @ W_h.T`` that gives each unit's dh.
+    """
+    element = from_dtype(dtype)
+    rows = LOOP_ROWS
+
+    def recurrent_backward(gates, cell_states, w_h_t, dz_ring, dh_n, dy, y_offset, has_dy,
+                           lengths, reverse, dc, d_gates):
+        partial = cuda.shared.array((rows, slices, lanes), element)
+        sums = cuda.local.array(rows, element)
+        lane = cuda.threadIdx.x % lanes
+        depth_slice = cuda.threadIdx.x // lanes
+        steps, batch, four_hidden = gates.shape
+        hidden = w_h_t.shape[1]
+        n_groups = (hidden + lanes - 1) // lanes
+        n_items = n_groups * ((batch + rows - 1) // rows)
+        zero = element(0)
+        for step in range(steps - 1, -1, -1):
+            now = step % 2
+            before = 1 - now
+            for item in range(cuda.blockIdx.x, n_items, cuda.gridDim.x):
+                unit = (item % n_groups) * lanes + lane
+                row_lo = (item // n_groups) * rows
+                for row in range(rows):
+                    sums[row] = zero
+                if unit < hidden and step + 1 < steps:
+                    for j in range(depth_slice, four_hidden, slices):
+                        w = w_h_t[j, unit]
+                        for row in range(rows):
+                            sums[row] += dz_ring[before, min(row_lo + row, batch - 1), j] * w
+                for row in range(rows):
+                    partial[row, depth_slice, lane] = sums[row]
+                cuda.syncthreads()
+                if depth_slice == 0 and unit < hidden:
+                    for row in range(rows):
+                        r = row_lo + row
+                        if r < batch and step < lengths[r]:
+                            t = step_time(step, lengths[r], reverse)
+                            dh = dh_n[r, unit]
+                            if step + 1 < lengths[r]:
+                                dh = partial[row, 0, lane]
+                                for part in range(1, slices):
+                                    dh += partial[row, part, lane]
+                            if has_dy:
+                                dh += dy[t, r, y_offset + unit]
+                            dz_i, dz_f, dz_g, dz_o, dc_prev = cell_backward(
+                                gates[t, r, unit], gates[t, r, hidden + unit],
+                                gates[t, r, 2 * hidden + unit], gates[t, r, 3 * hidden + unit],
+                                cell_states[t, r, unit], dh, dc[r, unit])
+                            d_gates[t, r, unit] = dz_i
+                            d_gates[t, r, hidden + unit] = dz_f
+                            d_gates[t, r, 2 * hidden + unit] = dz_g
+                            d_gates[t, r, 3 * hidden + unit] = dz_o
+                            dz_ring[now, r, unit] = dz_i
+                            dz_ring[now, r, hidden + unit] = dz_f
+                            dz_ring[now, r, 2 * hidden + unit] = dz_g
+                            dz_ring[now, r, 3 * hidden + unit] = dz_o
+                            dc[r, unit] = dc_prev
+                cuda.syncthreads()
+            grid_sync()
+
+    return recurrent_backward
+
+
 def final_state_kernel(ring, lengths, out):
     """out[b] = ring[lengths[b] % 2, b]: each row's state after its last valid step.
 
@@ -409,12 +487,14 @@ def copy_3d_kernel(src, dst, swap_leading):
         dst[i, j, k] = src[j, i, k] if swap_leading else src[i, j, k]
 
 
-def copy_2d_kernel(src, dst):
-    """dst[i, j] = src[i, j]; src any strides."""
+def copy_2d_kernel(src, dst, transpose):
+    """dst[i, j] = src[j, i] if transpose else src[i, j]; src any strides."""
     index = cuda.grid(1)
     cols = dst.shape[1]
     if index < dst.shape[0] * cols:
-        dst[index // cols, index % cols] = src[index // cols, index % cols]
+        i = index // cols
+        j = index % cols
+        dst[i, j] = src[j, i] if transpose else src[i, j]
 
 
 def fill_kernel(dst, value):
@@ -443,6 +523,8 @@ def signatures(dtype):
                          matrix, matrix, cube, cube, flag),
         "recurrent_forward": (cube, matrix, cube, cube, lengths, flag, cube, index, cube, cube,
                               flag),
+        "recurrent_backward": (cube, cube, matrix, cube, matrix, cube, index, flag, lengths,
+                               flag, matrix, cube),
         "final_state": (cube, lengths, matrix),
         "clear_padding": (cube, lengths, index),
         "cell_backward": (cube, cube, matrix, matrix, cube, index, flag, lengths, index, flag,
@@ -453,7 +535,7 @@ def signatures(dtype):
         "column_partial_sums": (matrix, matrix),
         "column_sums": (matrix, vector),
         "copy_3d": (cube, cube, flag),
-        "copy_2d": (matrix, matrix),
+        "copy_2d": (matrix, matrix, flag),
         "fill": (matrix, element),
     }
 
@@ -482,6 +564,8 @@ def python_kernel(name, dtype, launch):
         return make_gemm_kernel(dtype, launch.gemm_tile)
     if name == "recurrent_forward":
         return make_recurrent_forward_kernel(dtype, launch.loop_lanes, launch.loop_slices)
+    if name == "recurrent_backward":
+        return make_recurrent_backward_kernel(dtype, launch.loop_lanes, launch.loop_slices)
     return _PLAIN_KERNELS[name]
 
 
@@ -531,9 +615,9 @@ def copy_3d(src, dst, stream, swap_leading=False):
     _pointwise("copy_3d", dst.size, stream, src, dst, swap_leading)
 
 
-def copy_2d(src, dst, stream):
-    """Copy ``src`` (any strides) into ``dst``."""
-    _pointwise("copy_2d", dst.size, stream, src, dst)
+def copy_2d(src, dst, stream, transpose=False):
+    """Copy ``src`` (any strides) into ``dst``, transposed if asked."""
+    _pointwise("copy_2d", dst.size, stream, src, dst, transpose)
 
 
 def fill(dst, value, stream):
@@ -567,23 +651,24 @@ def _loop_threads():
 
 
 @lru_cache(maxsize=None)
-def _cooperative_limit(dtype, launch):
-    """Most blocks of the persistent loop that fit on the device at once (1 under the
-    simulator, which runs cooperative grids of one block only)."""
+def _cooperative_limit(name, dtype, launch):
+    """Most blocks of persistent loop ``name`` that fit on the device at once (1 under
+    the simulator, which runs cooperative grids of one block only)."""
     if config.ENABLE_CUDASIM:
         return 1
-    compiled = next(iter(kernel("recurrent_forward", dtype).overloads.values()))
+    compiled = next(iter(kernel(name, dtype).overloads.values()))
     return compiled.max_cooperative_grid_blocks(launch.loop_lanes * launch.loop_slices)
 
 
-def persistent_blocks(batch, hidden, dtype):
-    """Blocks for the persistent forward loop of a (B, H) problem, or 0 when the
-    forward takes two launches per step instead (B above PERSISTENT_MAX_BATCH)."""
+def persistent_blocks(name, batch, hidden, dtype):
+    """Blocks for persistent loop ``name`` (``"recurrent_forward"`` or
+    ``"recurrent_backward"``) of a (B, H) problem, or 0 when the loop takes two
+    launches per step instead (B above PERSISTENT_MAX_BATCH)."""
     if batch > PERSISTENT_MAX_BATCH:
         return 0
     launch = launch_config()
     items = -(-hidden // launch.loop_lanes) * -(-batch // LOOP_ROWS)
-    return min(items, _cooperative_limit(dtype, launch))
+    return min(items, _cooperative_limit(name, dtype, launch))
 
 
 def _stepwise_forward(gates, w_hs, h_ring, c_ring, lengths, y, states, save, stream):
@@ -636,7 +721,7 @@ def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
         copy_2d(c0[d], c_ring[d, 0], stream)
     states = [(saved[1][d], saved[2][d]) if saved is not None else (h_ring[d], c_ring[d])
               for d in range(n_dirs)]
-    blocks = persistent_blocks(batch, hidden, x.dtype)
+    blocks = persistent_blocks("recurrent_forward", batch, hidden, x.dtype)
     if blocks:
         loop = _configured("recurrent_forward", x.dtype, blocks, _loop_threads(), stream)
         for d, (_, w_h, _) in enumerate(params):
@@ -656,8 +741,34 @@ def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
             copy_2d(c_n[d], saved[2][d, steps], stream)
 
 
+def _stepwise_backward(gates, cell_states, w_hs, lengths, dys, has_dy, dh_n, dc, d_gates, stream):
+    """The backward time loop as one recurrent GEMM and one cell launch per step and
+    direction. Arrays as in :func:`backward`; dys: per direction dy, or a
+    placeholder when not has_dy. Returns per direction the (B, 4H) pre-activation
+    gradients of each row's first step."""
+    n_dirs, steps, batch, four_hidden = gates.shape
+    hidden = four_hidden // N_GATES
+    dz_step = cuda.device_array((n_dirs, batch, four_hidden), gates.dtype, stream=stream)
+    dh_step = cuda.device_array((n_dirs, batch, hidden), gates.dtype, stream=stream)
+    recurrent_product = gemm_launcher(batch, hidden, gates.dtype, stream)
+    cell = pointwise_launcher("cell_backward", batch * hidden, gates.dtype, stream)
+    # Each direction's arrays, sliced once (see _stepwise_forward).
+    directions = [(w_h, gates[d], cell_states[d], dh_step[d], dh_n[d], dys[d], dc[d],
+                   dz_step[d], d_gates[d]) for d, w_h in enumerate(w_hs)]
+    for step in range(steps - 1, -1, -1):
+        for d, (w_h, *arrays) in enumerate(directions):
+            gates_d, cells_d, dh_step_d, dh_n_d, dy_d, dc_d, dz_step_d, d_gates_d = arrays
+            if step + 1 < steps:
+                recurrent_product(dz_step_d, w_h, dh_step_d, False, True, False)
+            cell(gates_d, cells_d, dh_step_d, dh_n_d, dy_d, d * hidden, has_dy, lengths, step,
+                 d == 1, dc_d, dz_step_d, d_gates_d)
+    return [dz_step[d] for d in range(n_dirs)]
+
+
 def backward(x, params, saved, lengths, dy, dh_n, dc_n, grads, stream):
-    """Backpropagation through time, then the gradient GEMMs and the bias reduction.
+    """Backpropagation through time (one persistent launch per direction, or two
+    launches per step as in :func:`forward`), then the gradient GEMMs and the bias
+    reduction.
 
     x: (T, B, I) contiguous; params: per direction (W_x, W_h, b) as in :func:`forward`
     saved: (gates, hidden_states, cell_states) from :func:`forward`
@@ -672,28 +783,29 @@ def backward(x, params, saved, lengths, dy, dh_n, dc_n, grads, stream):
     hidden = four_hidden // N_GATES
     d_gates = cuda.device_array(gates.shape, x.dtype, stream=stream)
     fill(d_gates.reshape(n_dirs * steps * batch, four_hidden), 0, stream)
-    dz_step = cuda.device_array((n_dirs, batch, four_hidden), x.dtype, stream=stream)
-    dh_step = cuda.device_array((n_dirs, batch, hidden), x.dtype, stream=stream)
     for d in range(n_dirs):
         copy_2d(dc_n[d], dc[d], stream)
-    has_dy = dy is not None
-    recurrent_product = gemm_launcher(batch, hidden, x.dtype, stream)
-    cell = pointwise_launcher("cell_backward", batch * hidden, x.dtype, stream)
-    # Each direction's arrays, sliced once (see forward).
-    directions = [(w_h, gates[d], cell_states[d], dh_step[d], dh_n[d],
-                   dy if has_dy else d_gates[d], dc[d], dz_step[d], d_gates[d])
-                  for d, (_, w_h, _) in enumerate(params)]
-    for step in range(steps - 1, -1, -1):
-        for d, (w_h, *arrays) in enumerate(directions):
-            gates_d, cells_d, dh_step_d, dh_n_d, dy_d, dc_d, dz_step_d, d_gates_d = arrays
-            if step + 1 < steps:
-                recurrent_product(dz_step_d, w_h, dh_step_d, False, True, False)
-            cell(gates_d, cells_d, dh_step_d, dh_n_d, dy_d, d * hidden, has_dy, lengths, step,
-                 d == 1, dc_d, dz_step_d, d_gates_d)
+    w_hs = [w_h for _, w_h, _ in params]
+    # Without dy the kernels read d_gates in its place and never use it.
+    dys = [dy if dy is not None else d_gates[d] for d in range(n_dirs)]
+    blocks = persistent_blocks("recurrent_backward", batch, hidden, x.dtype)
+    if blocks:
+        dz_ring = cuda.device_array((n_dirs, 2, batch, four_hidden), x.dtype, stream=stream)
+        w_h_t = cuda.device_array((four_hidden, hidden), x.dtype, stream=stream)
+        loop = _configured("recurrent_backward", x.dtype, blocks, _loop_threads(), stream)
+        for d, w_h in enumerate(w_hs):
+            copy_2d(w_h, w_h_t, stream, transpose=True)
+            loop(gates[d], cell_states[d], w_h_t, dz_ring[d], dh_n[d], dys[d], d * hidden,
+                 dy is not None, lengths, d == 1, dc[d], d_gates[d])
+        first_dz = [dz_ring[d, 0] for d in range(n_dirs)]
+    else:
+        first_dz = _stepwise_backward(gates, cell_states, w_hs, lengths, dys, dy is not None,
+                                      dh_n, dc, d_gates, stream)
+    dh_step = cuda.device_array((n_dirs, batch, hidden), x.dtype, stream=stream)
     flat_x = x.reshape(steps * batch, inputs)
     flat_dx = dx.reshape(steps * batch, inputs)
     for d, (w_x, w_h, _) in enumerate(params):
-        gemm(dz_step[d], w_h, dh_step[d], stream, trans_b=True)
+        gemm(first_dz[d], w_h, dh_step[d], stream, trans_b=True)
         _pointwise("select_rows", batch * hidden, stream, dh_step[d], dh_n[d], lengths, dh0[d])
         flat_dz = d_gates[d].reshape(steps * batch, four_hidden)
         gemm(flat_dz, w_x, flat_dx, stream, trans_b=True, accumulate=d > 0)

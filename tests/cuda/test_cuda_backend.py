@@ -48,29 +48,34 @@ def test_matches_reference(shape, dtype):
     assert_matches_reference(actual, problem)
 
 
-#: PERSISTENT_MAX_BATCH values that send every forward down one loop or the other.
-FORWARD_LOOPS = {"stepwise": 0, "persistent": 1 << 20}
+#: PERSISTENT_MAX_BATCH values that send every time loop down one kind or the other.
+TIME_LOOPS = {"stepwise": 0, "persistent": 1 << 20}
 
 
-@pytest.mark.parametrize("loop", FORWARD_LOOPS)
+@pytest.mark.parametrize("loop", TIME_LOOPS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_both_forward_loops_match_the_reference(loop, dtype, monkeypatch):
+def test_both_time_loops_match_the_reference(loop, dtype, monkeypatch):
     from nblstm.kernels import cuda as kernels
 
-    monkeypatch.setattr(kernels, "PERSISTENT_MAX_BATCH", FORWARD_LOOPS[loop])
+    monkeypatch.setattr(kernels, "PERSISTENT_MAX_BATCH", TIME_LOOPS[loop])
     for shape in SHAPES[-2:]:
         problem = random_problem(*shape, dtype, np.random.default_rng(sum(shape)))
         assert_matches_reference(run(problem, "cuda"), problem)
+    rng = np.random.default_rng(12)
     lengths = np.array([3, 0, 2])
     model = nblstm.LSTM(3, 5, bidirectional=True, dtype=dtype, backend="cuda", rng=1)
     reference = nblstm.LSTM(3, 5, bidirectional=True, dtype=np.float64, backend="numpy")
     reference.params = [[p.astype(np.float64) for p in layer] for layer in model.params]
-    x = np.random.default_rng(12).standard_normal((3, 3, 3))
-    for training in (True, False):
-        y, (h_n, c_n) = model.forward(x.astype(dtype), lengths=lengths, training=training)
-        expected_y, (expected_h, expected_c) = reference.forward(x, lengths=lengths)
-        for actual, expected in ((y, expected_y), (h_n, expected_h), (c_n, expected_c)):
-            assert relative_error(actual, expected) <= TOLERANCE[np.dtype(dtype)]
+    x, dy = rng.standard_normal((3, 3, 3)), rng.standard_normal((3, 3, 10))
+    y_infer, _ = model.forward(x.astype(dtype), lengths=lengths, training=False)
+    results = []
+    for lstm, cast in ((model, dtype), (reference, np.float64)):
+        y, (h_n, c_n) = lstm.forward(x.astype(cast), lengths=lengths)
+        dx, (dh0, dc0) = lstm.backward(dy.astype(cast))
+        results.append([y, h_n, c_n, dx, dh0, dc0, lstm.grads[0][1].W_h, lstm.grads[0][1].b])
+    np.testing.assert_array_equal(y_infer, results[0][0])
+    for actual, expected in zip(*results):
+        assert relative_error(actual, expected) <= TOLERANCE[np.dtype(dtype)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
