@@ -653,9 +653,12 @@ def _loop_threads():
 @lru_cache(maxsize=None)
 def _cooperative_limit(name, dtype, launch):
     """Most blocks of persistent loop ``name`` that fit on the device at once (1 under
-    the simulator, which runs cooperative grids of one block only)."""
+    the simulator, which runs cooperative grids of one block only; 0 on a device
+    without cooperative launches, which then runs the stepwise loops)."""
     if config.ENABLE_CUDASIM:
         return 1
+    if not cuda.get_current_device().COOPERATIVE_LAUNCH:
+        return 0
     compiled = next(iter(kernel(name, dtype).overloads.values()))
     return compiled.max_cooperative_grid_blocks(launch.loop_lanes * launch.loop_slices)
 

@@ -198,10 +198,13 @@ def test_availability_says_how_cuda_runs():
 
 
 def test_launch_config_fits_the_device():
+    from nblstm.kernels import cuda as kernels
     from nblstm.kernels.cuda import launch_config
 
     launch = launch_config()
     assert launch.gemm_tile >= 1 and launch.pointwise_block >= 1
+    for name in ("recurrent_forward", "recurrent_backward"):
+        assert kernels.persistent_blocks(name, 8, 64, np.float32) >= 1, name
     if ON_GPU:
         device = cuda.get_current_device()
         assert launch.gemm_tile ** 2 <= device.MAX_THREADS_PER_BLOCK
