@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from numba import config, cuda, types
 from numba.np.numpy_support import from_dtype
 
@@ -58,9 +59,11 @@ SIMULATOR_SLICES = 2
 #: recurrent product's depth per block (one warp each on a GPU).
 LOOP_ROWS = 4
 LOOP_SLICES = 8
-#: Largest batch for which the forward runs as one persistent launch per
-#: direction instead of two launches per step.
-PERSISTENT_MAX_BATCH = 1024
+#: The persistent loops read all of W_h once per LOOP_ROWS rows and step, from
+#: L2. Above this many bytes a step, the stepwise loops (a tiled GEMM per step)
+#: are faster. Measured on an H100 (bench/RESULTS.md): 32-64 MiB a step, the
+#: persistent loops are 1.3-4x faster; 256 MiB (H=1024, B=64), 0.74-0.99x.
+PERSISTENT_MAX_STEP_BYTES = 128 * 2 ** 20
 #: Blocks are sized to a quarter of the device's thread limit, so several
 #: blocks can share a multiprocessor.
 BLOCKS_PER_LIMIT = 4
@@ -666,8 +669,9 @@ def _cooperative_limit(name, dtype, launch):
 def persistent_blocks(name, batch, hidden, dtype):
     """Blocks for persistent loop ``name`` (``"recurrent_forward"`` or
     ``"recurrent_backward"``) of a (B, H) problem, or 0 when the loop takes two
-    launches per step instead (B above PERSISTENT_MAX_BATCH)."""
-    if batch > PERSISTENT_MAX_BATCH:
+    launches per step instead (W_h read more than PERSISTENT_MAX_STEP_BYTES a step)."""
+    weight_reads = -(-batch // LOOP_ROWS) * N_GATES * hidden * hidden * np.dtype(dtype).itemsize
+    if weight_reads > PERSISTENT_MAX_STEP_BYTES:
         return 0
     launch = launch_config()
     items = -(-hidden // launch.loop_lanes) * -(-batch // LOOP_ROWS)
@@ -696,8 +700,8 @@ def _stepwise_forward(gates, w_hs, h_ring, c_ring, lengths, y, states, save, str
 
 def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
     """Input projections, then the time loop: one persistent launch per direction
-    (:func:`make_recurrent_forward_kernel`) or, above PERSISTENT_MAX_BATCH rows,
-    one GEMM and one cell launch per step and direction.
+    (:func:`make_recurrent_forward_kernel`) or, for large B * H (see
+    :func:`persistent_blocks`), one GEMM and one cell launch per step and direction.
 
     x: (T, B, I) contiguous; params: per direction (W_x (I, 4H), W_h (H, 4H), b (4H,));
     direction 1 runs in reverse

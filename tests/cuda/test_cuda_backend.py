@@ -48,8 +48,8 @@ def test_matches_reference(shape, dtype):
     assert_matches_reference(actual, problem)
 
 
-#: PERSISTENT_MAX_BATCH values that send every time loop down one kind or the other.
-TIME_LOOPS = {"stepwise": 0, "persistent": 1 << 20}
+#: PERSISTENT_MAX_STEP_BYTES values that send every time loop down one kind or the other.
+TIME_LOOPS = {"stepwise": 0, "persistent": 1 << 62}
 
 
 @pytest.mark.parametrize("loop", TIME_LOOPS)
@@ -57,7 +57,7 @@ TIME_LOOPS = {"stepwise": 0, "persistent": 1 << 20}
 def test_both_time_loops_match_the_reference(loop, dtype, monkeypatch):
     from nblstm.kernels import cuda as kernels
 
-    monkeypatch.setattr(kernels, "PERSISTENT_MAX_BATCH", TIME_LOOPS[loop])
+    monkeypatch.setattr(kernels, "PERSISTENT_MAX_STEP_BYTES", TIME_LOOPS[loop])
     for shape in SHAPES[-2:]:
         problem = random_problem(*shape, dtype, np.random.default_rng(sum(shape)))
         assert_matches_reference(run(problem, "cuda"), problem)
