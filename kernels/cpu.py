@@ -591,7 +591,7 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     w_h_t_panels = empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), x.dtype),
                                 x.dtype, "w_h_t")
     for d in range(n_dirs):
-        pack_panels(w_h[d], True, 0, four_hidden, w_h_t_panels[d])
+        pack_panels(w_h[d], True, 0, hidden, w_h_t_panels[d])
     flat_shape = (n_dirs, steps * batch, four_hidden)
     backward_loop(gates.reshape(flat_shape), cell_states[:, :steps], w_h_t_panels, lengths,
                   *_work_plan(n_dirs, lengths, hidden, x.dtype, steps + 1), dy, dh_n,

@@ -56,6 +56,17 @@ def test_matmul_touches_only_listed_rows_and_reads_a_transposed_panel(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_transposed_packing_equals_packing_the_transpose(dtype):
+    # Several panels (the last one ragged) and several PACK_ROWS chunks of k:
+    # the transposed pack runs in parallel over panels, the plain one over k.
+    b = np.random.default_rng(6).standard_normal((3 * gemm.PACK_ROWS - 5, 140)).astype(dtype)
+    expected = gemm.packed(b, "plain").copy()
+    np.testing.assert_array_equal(gemm.packed(np.ascontiguousarray(b.T), "t", transposed=True),
+                                  expected)
+    assert expected.shape[0] >= 3 and not expected[-1, :, -1].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_product_tile_reads_and_writes_different_row_lists(dtype):
     rng = np.random.default_rng(4)
     width = gemm.block_columns(np.dtype(dtype))
