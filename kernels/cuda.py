@@ -54,9 +54,10 @@ SIMULATOR_TILE = 4
 SIMULATOR_BLOCK = 32
 SIMULATOR_LANES = 4
 SIMULATOR_SLICES = 2
-#: The persistent forward loop (:func:`make_recurrent_forward_kernel`): batch
-#: rows per work item (one pass over W_h serves all of them) and slices of the
-#: recurrent product's depth per block (one warp each on a GPU).
+#: The persistent loops (:func:`make_recurrent_forward_kernel`,
+#: :func:`make_recurrent_backward_kernel`): batch rows per work item (one pass
+#: over W_h serves all of them) and slices of the recurrent product's depth per
+#: block (one warp each on a GPU).
 LOOP_ROWS = 4
 LOOP_SLICES = 8
 #: The persistent loops read all of W_h once per LOOP_ROWS rows and step, from
@@ -562,7 +563,7 @@ _PLAIN_KERNELS = {
 
 def python_kernel(name, dtype, launch):
     """The plain Python function of kernel ``name``; ``launch`` (a :class:`LaunchConfig`)
-    shapes ``"gemm"`` and ``"recurrent_forward"``."""
+    shapes ``"gemm"`` and the persistent loops."""
     if name == "gemm":
         return make_gemm_kernel(dtype, launch.gemm_tile)
     if name == "recurrent_forward":
