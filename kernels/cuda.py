@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from numba import config, cuda, types
+from numba import config, cuda, njit, types
 from numba.np.numpy_support import from_dtype
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
@@ -33,7 +33,6 @@ if config.ENABLE_CUDASIM:
         of one block only, where the block's barrier is the grid's."""
         cuda.syncthreads()
 else:
-    from numba import njit
     from numba.cuda.cg import _grid_group_sync, _this_grid
 
     @njit(inline="always")
@@ -211,6 +210,20 @@ def cell_forward_kernel(gates, z, h_prev, c_prev, lengths, step, reverse, y, y_o
             y[t, r, y_offset + u] = h
 
 
+@njit(inline="always")
+def _work_items(hidden, batch, lanes):
+    """``(groups, items)`` of a persistent loop: ``groups`` runs of ``lanes``
+    consecutive units; an item is one group for LOOP_ROWS batch rows."""
+    n_groups = (hidden + lanes - 1) // lanes
+    return n_groups, n_groups * ((batch + LOOP_ROWS - 1) // LOOP_ROWS)
+
+
+@njit(inline="always")
+def _item_origin(item, n_groups, lanes, lane):
+    """``(unit, first row)`` of work item ``item`` for lane ``lane``."""
+    return (item % n_groups) * lanes + lane, (item // n_groups) * LOOP_ROWS
+
+
 def make_recurrent_forward_kernel(dtype, lanes, slices):
     """The persistent forward time loop (plain Python) for one dtype and block shape.
 
@@ -239,15 +252,13 @@ def make_recurrent_forward_kernel(dtype, lanes, slices):
         depth_slice = cuda.threadIdx.x // lanes
         steps, batch = gates.shape[0], gates.shape[1]
         hidden = w_h.shape[0]
-        n_groups = (hidden + lanes - 1) // lanes
-        n_items = n_groups * ((batch + rows - 1) // rows)
+        n_groups, n_items = _work_items(hidden, batch, lanes)
         zero = element(0)
         for step in range(steps):
             now = step % 2
             after = 1 - now
             for item in range(cuda.blockIdx.x, n_items, cuda.gridDim.x):
-                unit = (item % n_groups) * lanes + lane
-                row_lo = (item // n_groups) * rows
+                unit, row_lo = _item_origin(item, n_groups, lanes, lane)
                 for gate in range(N_GATES):
                     for row in range(rows):
                         sums[gate, row] = zero
@@ -324,15 +335,13 @@ def make_recurrent_backward_kernel(dtype, lanes, slices):
         depth_slice = cuda.threadIdx.x // lanes
         steps, batch, four_hidden = gates.shape
         hidden = w_h_t.shape[1]
-        n_groups = (hidden + lanes - 1) // lanes
-        n_items = n_groups * ((batch + rows - 1) // rows)
+        n_groups, n_items = _work_items(hidden, batch, lanes)
         zero = element(0)
         for step in range(steps - 1, -1, -1):
             now = step % 2
             before = 1 - now
             for item in range(cuda.blockIdx.x, n_items, cuda.gridDim.x):
-                unit = (item % n_groups) * lanes + lane
-                row_lo = (item // n_groups) * rows
+                unit, row_lo = _item_origin(item, n_groups, lanes, lane)
                 for row in range(rows):
                     sums[row] = zero
                 if unit < hidden and step + 1 < steps:
