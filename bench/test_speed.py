@@ -1,4 +1,7 @@
-"""pytest-benchmark suite: nblstm vs torch.nn.LSTM (CPU) and the NumPy reference.
+"""pytest-benchmark suite: nblstm vs torch.nn.LSTM and the NumPy reference.
+
+Contenders: nblstm's ``cpu`` and ``cuda`` backends, torch on the CPU and, with
+a GPU, on it (cuDNN), and the NumPy reference; those that cannot run here skip.
 
     python -m pytest bench                      # quick subset
     python -m pytest bench --full-grid          # T=100, H 128..1024, B 1..128, f32/f64
@@ -7,13 +10,14 @@
 Ids name the point (``cpu-fwd-f32-H512-B32``) and each point is its own
 group, so the peers sit side by side in the report.
 """
+import numba
 import numpy as np
 import pytest
 
-from nblstm import bench
+from nblstm import available_backends, bench
 
 SMOKE = dict(steps=4, hidden_sizes=(8,), batch_sizes=(2,))
-CONTENDERS = ("cpu", "torch", "numpy")
+CONTENDERS = ("cpu", "cuda", "torch", "torch-cuda", "numpy")
 #: The variable-length point of the issue: B=32, lengths uniform in [T/4, T].
 LENGTHS_BATCH = 32
 LENGTHS_HIDDEN = 256
@@ -37,6 +41,15 @@ def _runner(contender, point, **options):
         if runner is None:
             pytest.skip("torch is not installed (pip install torch)")
         return runner
+    if contender == "torch-cuda":
+        runner = bench.torch_runner(point, device="cuda", **options)
+        if runner is None:
+            pytest.skip("torch with CUDA and a GPU are not available")
+        return runner
+    if contender == "cuda":
+        status = available_backends()["cuda"]
+        if not status.available or numba.config.ENABLE_CUDASIM:
+            pytest.skip(f"no GPU to time the cuda backend on ({status})")
     return bench.nblstm_runner(point, contender, **options)
 
 
