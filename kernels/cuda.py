@@ -33,7 +33,10 @@ if config.ENABLE_CUDASIM:
         of one block only, where the block's barrier is the grid's."""
         cuda.syncthreads()
 else:
-    from numba.cuda.cg import _grid_group_sync, _this_grid
+    try:
+        from numba.cuda.cg import _grid_group_sync, _this_grid
+    except ImportError:  # a numba-cuda without them runs the stepwise loops
+        _grid_group_sync = _this_grid = None
 
     @njit(inline="always")
     def grid_sync():
@@ -667,10 +670,11 @@ def _loop_threads():
 def _cooperative_limit(name, dtype, launch):
     """Most blocks of persistent loop ``name`` that fit on the device at once (1 under
     the simulator, which runs cooperative grids of one block only; 0 on a device
-    without cooperative launches, which then runs the stepwise loops)."""
+    without cooperative launches, or with a numba-cuda without the grid barrier's
+    intrinsics: the stepwise loops run then)."""
     if config.ENABLE_CUDASIM:
         return 1
-    if not cuda.get_current_device().COOPERATIVE_LAUNCH:
+    if _this_grid is None or not cuda.get_current_device().COOPERATIVE_LAUNCH:
         return 0
     compiled = next(iter(kernel(name, dtype).overloads.values()))
     return compiled.max_cooperative_grid_blocks(launch.loop_lanes * launch.loop_slices)
