@@ -95,6 +95,11 @@ class LaunchConfig:
     loop_lanes: int
     loop_slices: int
 
+    @property
+    def loop_threads(self):
+        """Threads per block of the persistent loops."""
+        return self.loop_lanes * self.loop_slices
+
 
 @lru_cache(maxsize=None)
 def _config_for(device_id):
@@ -661,11 +666,6 @@ def column_sums(values, out, stream):
     _pointwise("column_sums", cols, stream, partial, out)
 
 
-def _loop_threads():
-    launch = launch_config()
-    return launch.loop_lanes * launch.loop_slices
-
-
 @lru_cache(maxsize=None)
 def _cooperative_limit(name, dtype, launch):
     """Most blocks of persistent loop ``name`` that fit on the device at once (1 under
@@ -677,7 +677,7 @@ def _cooperative_limit(name, dtype, launch):
     if _this_grid is None or not cuda.get_current_device().COOPERATIVE_LAUNCH:
         return 0
     compiled = next(iter(kernel(name, dtype).overloads.values()))
-    return compiled.max_cooperative_grid_blocks(launch.loop_lanes * launch.loop_slices)
+    return compiled.max_cooperative_grid_blocks(launch.loop_threads)
 
 
 def persistent_blocks(name, batch, hidden, dtype):
@@ -688,7 +688,7 @@ def persistent_blocks(name, batch, hidden, dtype):
     if weight_reads > PERSISTENT_MAX_STEP_BYTES:
         return 0
     launch = launch_config()
-    items = -(-hidden // launch.loop_lanes) * -(-batch // LOOP_ROWS)
+    _, items = _work_items(hidden, batch, launch.loop_lanes)
     return min(items, _cooperative_limit(name, dtype, launch))
 
 
@@ -744,7 +744,8 @@ def forward(x, params, h0, c0, lengths, y, saved, h_n, c_n, stream):
               for d in range(n_dirs)]
     blocks = persistent_blocks("recurrent_forward", batch, hidden, x.dtype)
     if blocks:
-        loop = _configured("recurrent_forward", x.dtype, blocks, _loop_threads(), stream)
+        loop = _configured("recurrent_forward", x.dtype, blocks, launch_config().loop_threads,
+                           stream)
         for d, (_, w_h, _) in enumerate(params):
             loop(gates[d], w_h, h_ring[d], c_ring[d], lengths, d == 1, y, d * hidden, *states[d],
                  saved is not None)
@@ -813,7 +814,8 @@ def backward(x, params, saved, lengths, dy, dh_n, dc_n, grads, stream):
     if blocks:
         dz_ring = cuda.device_array((n_dirs, 2, batch, four_hidden), x.dtype, stream=stream)
         w_h_t = cuda.device_array((four_hidden, hidden), x.dtype, stream=stream)
-        loop = _configured("recurrent_backward", x.dtype, blocks, _loop_threads(), stream)
+        loop = _configured("recurrent_backward", x.dtype, blocks, launch_config().loop_threads,
+                           stream)
         for d, w_h in enumerate(w_hs):
             copy_2d(w_h, w_h_t, stream, transpose=True)
             loop(gates[d], cell_states[d], w_h_t, dz_ring[d], dh_n[d], dys[d], d * hidden,

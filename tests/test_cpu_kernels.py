@@ -56,14 +56,19 @@ def test_matmul_touches_only_listed_rows_and_reads_a_transposed_panel(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_transposed_packing_equals_packing_the_transpose(dtype):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_packing_lays_b_out_in_zero_padded_panels(dtype, transposed):
     # Several panels (the last one ragged) and several PACK_ROWS chunks of k:
-    # the transposed pack runs in parallel over panels, the plain one over k.
+    # the plain pack runs in parallel over k, the transposed one over panels.
     b = np.random.default_rng(6).standard_normal((3 * gemm.PACK_ROWS - 5, 140)).astype(dtype)
-    expected = gemm.packed(b, "plain").copy()
-    np.testing.assert_array_equal(gemm.packed(np.ascontiguousarray(b.T), "t", transposed=True),
-                                  expected)
-    assert expected.shape[0] >= 3 and not expected[-1, :, -1].any()
+    depth, n_cols = b.shape
+    n_panels, _, width = gemm.panel_shape(b.shape, b.dtype)
+    assert n_panels >= 3 and n_cols % width
+    padded = np.zeros((depth, n_panels * width), dtype)
+    padded[:, :n_cols] = b
+    expected = padded.reshape(depth, n_panels, width).transpose(1, 0, 2)
+    source = np.ascontiguousarray(b.T) if transposed else b
+    np.testing.assert_array_equal(gemm.packed(source, "test", transposed=transposed), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
