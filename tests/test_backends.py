@@ -6,9 +6,10 @@ import nblstm
 from helpers import (TOLERANCE, as_float64, assert_matches_reference, compiled_backends,
                      random_problem, relative_error, run)
 
-# (T, B, I, H): B=1, T=1, H not a multiple of 8, I != H, more units than one tile.
+# (T, B, I, H): B=1, T=1, H not a multiple of 8, I != H, more units than one
+# tile, and several tiles a worker (which odd steps visit in reverse).
 SHAPES = [(1, 1, 1, 1), (1, 3, 4, 5), (6, 1, 7, 3), (5, 4, 3, 9), (3, 10, 17, 33),
-          (9, 2, 6, 70)]
+          (9, 2, 6, 70), (7, 3, 5, 330)]
 DTYPES = [np.float32, np.float64]
 
 
