@@ -461,21 +461,23 @@ def pack_panels(matrix, transposed, col_offset, n_cols, panels):
 
 
 @njit(parallel=True, cache=True)
-def pack_gate_panels(w_h, panels):
-    """Pack each gate's columns of each direction's W_h, in one parallel pass.
+def pack_gate_panels(weights, panels):
+    """Pack each group of columns of each direction's weights, in one parallel pass.
 
-    w_h: (D, H, G * H), C-contiguous; panels: (D, G, ceil(H / W), H, W) out:
-    ``panels[d, g]`` is columns [g * H, (g + 1) * H) of w_h[d] as packed by
-    :func:`pack_panels`. One call instead of D * G: at small sizes each
+    weights: (D, K, G * N), C-contiguous; panels: (D, G, ceil(N / W), K, W)
+    out: ``panels[d, g]`` is columns [g * N, (g + 1) * N) of weights[d] as
+    packed by :func:`pack_panels`. W_h (D, H, 4H) packs gate by gate (G = 4,
+    N = H) for the time loops; W_x (D, I, 4H) whole (G = 1, N = 4H) for the
+    input projection. One call instead of D * G: at small sizes each
     parallel call's dispatch costs as much as its copying.
     """
-    n_dirs, n_gates, _, depth, _ = panels.shape
-    hidden = w_h.shape[1]
+    n_dirs, n_groups, _, depth, _ = panels.shape
+    group_width = weights.shape[2] // n_groups
     n_chunks = (depth + PACK_ROWS - 1) // PACK_ROWS
-    for task in prange(n_dirs * n_gates * n_chunks):
-        d, rest = task // (n_gates * n_chunks), task % (n_gates * n_chunks)
-        gate, k_lo = rest // n_chunks, (rest % n_chunks) * PACK_ROWS
-        _pack_rows(w_h[d], False, gate * hidden, hidden, panels[d, gate], k_lo,
+    for task in prange(n_dirs * n_groups * n_chunks):
+        d, rest = task // (n_groups * n_chunks), task % (n_groups * n_chunks)
+        group, k_lo = rest // n_chunks, (rest % n_chunks) * PACK_ROWS
+        _pack_rows(weights[d], False, group * group_width, group_width, panels[d, group], k_lo,
                    min(k_lo + PACK_ROWS, depth))
 
 
@@ -496,15 +498,6 @@ def transpose_into(matrix, out):
         for col in range(col_lo, min(col_lo + TRANSPOSE_BLOCK, n_cols)):
             for row in range(row_lo, min(row_lo + TRANSPOSE_BLOCK, n_rows)):
                 out[col, row] = matrix[row, col]
-
-
-def transposed(matrix, name):
-    """A C-contiguous copy of ``matrix.T`` from the workspace under ``name`` (the
-    products read ``a`` fastest along its rows: a strided ``a`` costs them a
-    cache line per element)."""
-    out = WORKSPACE.empty(name, matrix.shape[::-1], matrix.dtype)
-    transpose_into(matrix, out)
-    return out
 
 
 #: Alignment of every array the kernels write: a cache line, so no vector load
@@ -582,16 +575,6 @@ def empty_panels(shape, dtype, name):
     return WORKSPACE.empty(name, shape, dtype)
 
 
-def packed(matrix, name, transposed=False):
-    """b = ``matrix`` (or its transpose), packed into panels from the workspace
-    under ``name``: see :func:`pack_panels`."""
-    matrix = np.ascontiguousarray(matrix)
-    shape = matrix.shape[::-1] if transposed else matrix.shape
-    panels = empty_panels(panel_shape(shape, matrix.dtype), matrix.dtype, name)
-    pack_panels(matrix, transposed, 0, shape[1], panels)
-    return panels
-
-
 #: Largest tile of the parallel product, in rows of ``out`` by columns; each
 #: tile is one task, and its slice of ``a`` stays in the core's cache while the
 #: columns run. Tiles are evened out below these sizes (:func:`_even_tile`).
@@ -636,7 +619,7 @@ def add_into(source, destination):
 def matmul(a, panels, rows, out, accumulate, bias):
     """``out[r] (+)= a[r] @ b (+ bias)`` for r in ``rows``, in parallel tiles.
 
-    a: (R, K); panels: b (K, N) packed by :func:`packed`; rows: (M,) int64;
+    a: (R, K); panels: b (K, N) packed by :func:`pack_panels`; rows: (M,) int64;
     out: (R, N), rows contiguous, other rows untouched; bias: (N,), or (0,)
     for none, added to each row once its product is complete. Each element
     sums over k in increasing order, whatever the tiling or thread count.

@@ -18,6 +18,15 @@ def product_case(rng, n_rows, depth, n_cols, dtype):
     return a, b
 
 
+def packed(matrix, transposed=False):
+    """b = ``matrix`` (or its transpose) packed into fresh panels, NaN before
+    packing, so every element the packing leaves unwritten shows."""
+    shape = matrix.shape[::-1] if transposed else matrix.shape
+    panels = np.full(gemm.panel_shape(shape, matrix.dtype), np.nan, matrix.dtype)
+    gemm.pack_panels(matrix, transposed, 0, shape[1], panels)
+    return panels
+
+
 def assert_product_close(actual, expected, depth, dtype):
     """Sums of ``depth`` products of unit normals, each rounding at most eps-relative."""
     np.testing.assert_allclose(actual, expected, rtol=0, atol=8 * depth * np.finfo(dtype).eps)
@@ -33,9 +42,9 @@ def test_matmul_matches_numpy(shape, dtype):
     out = rng.standard_normal((shape[0], shape[2])).astype(dtype)
     before = out.copy()
     rows = np.arange(shape[0])
-    gemm.matmul(a, gemm.packed(b, "test"), rows, out, False, np.empty(0, dtype))
+    gemm.matmul(a, packed(b), rows, out, False, np.empty(0, dtype))
     assert_product_close(out, a.astype(np.float64) @ b, shape[1], dtype)
-    gemm.matmul(a, gemm.packed(b, "test"), rows, out, True, bias)
+    gemm.matmul(a, packed(b), rows, out, True, bias)
     assert_product_close(out, 2 * (a.astype(np.float64) @ b) + bias, shape[1], dtype)
     assert not np.array_equal(out, before)
 
@@ -48,7 +57,7 @@ def test_matmul_touches_only_listed_rows_and_reads_a_transposed_panel(dtype):
     before = out.copy()
     rows = np.array([9, 0, 4, 5, 6, 2, 10])
     b_t = np.ascontiguousarray(b.T)
-    gemm.matmul(a, gemm.packed(b_t, "test", transposed=True), rows, out, False,
+    gemm.matmul(a, packed(b_t, transposed=True), rows, out, False,
                 np.empty(0, dtype))
     assert_product_close(out[rows], (a.astype(np.float64) @ b)[rows], 9, dtype)
     untouched = np.setdiff1d(np.arange(11), rows)
@@ -68,7 +77,7 @@ def test_packing_lays_b_out_in_zero_padded_panels(dtype, transposed):
     padded[:, :n_cols] = b
     expected = padded.reshape(depth, n_panels, width).transpose(1, 0, 2)
     source = np.ascontiguousarray(b.T) if transposed else b
-    np.testing.assert_array_equal(gemm.packed(source, "test", transposed=transposed), expected)
+    np.testing.assert_array_equal(packed(source, transposed), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,7 +88,7 @@ def test_product_tile_reads_and_writes_different_row_lists(dtype):
     a, b = product_case(rng, 8, 10, n_cols, dtype)
     out = np.zeros((20, n_cols + 10), dtype)
     a_rows, out_rows = np.array([7, 1, 3]), np.array([0, 19, 5])
-    panels = gemm.packed(b, "test")
+    panels = packed(b)
 
     @njit
     def tile(a, a_rows, out_rows, panels, out):
@@ -93,9 +102,26 @@ def test_product_tile_reads_and_writes_different_row_lists(dtype):
     assert_product_close(out, expected, 10, dtype)
 
 
-def test_transposed_copies_exactly():
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_groups", [1, 4])
+def test_gate_packing_packs_each_group_of_columns_of_each_direction(dtype, n_groups):
+    # W_h packs gate by gate (4 groups of H columns), W_x whole (1 group of 4H).
+    weights = np.random.default_rng(7).standard_normal((2, 70, 4 * 37)).astype(dtype)
+    group_width = weights.shape[2] // n_groups
+    panels = np.full((2, n_groups) + gemm.panel_shape((70, group_width), weights.dtype), np.nan,
+                     dtype)
+    gemm.pack_gate_panels(weights, panels)
+    for d in range(2):
+        for group in range(n_groups):
+            columns = weights[d, :, group * group_width:(group + 1) * group_width]
+            np.testing.assert_array_equal(panels[d, group], packed(np.ascontiguousarray(columns)))
+
+
+def test_transpose_copies_exactly():
     matrix = np.random.default_rng(5).standard_normal((70, 33))
-    np.testing.assert_array_equal(gemm.transposed(matrix, "test"), matrix.T)
+    out = np.empty((33, 70))
+    gemm.transpose_into(matrix, out)
+    np.testing.assert_array_equal(out, matrix.T)
 
 
 def test_workspace_is_reused_and_released():
