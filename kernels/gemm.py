@@ -552,7 +552,8 @@ def pack_gate_panels(weights, panels):
 #: and of the destination both stay in L1 while it is copied. Whole blocks
 #: are cut into :func:`transpose_square`'s squares.
 TRANSPOSE_BLOCK = 32
-assert TRANSPOSE_BLOCK % (VECTOR_BYTES // 4) == 0, "whole blocks hold whole squares"
+assert TRANSPOSE_BLOCK % (VECTOR_BYTES // np.dtype(np.float32).itemsize) == 0, (
+    "whole blocks hold whole squares")
 
 
 @njit(parallel=True, cache=True)
@@ -564,7 +565,8 @@ def transpose_into(matrix, out):
     for block in prange(n_blocks):
         row_lo = (block // n_col_blocks) * TRANSPOSE_BLOCK
         col_lo = (block % n_col_blocks) * TRANSPOSE_BLOCK
-        row_hi, col_hi = min(row_lo + TRANSPOSE_BLOCK, n_rows), min(col_lo + TRANSPOSE_BLOCK, n_cols)
+        row_hi = min(row_lo + TRANSPOSE_BLOCK, n_rows)
+        col_hi = min(col_lo + TRANSPOSE_BLOCK, n_cols)
         if row_hi - row_lo == TRANSPOSE_BLOCK and col_hi - col_lo == TRANSPOSE_BLOCK:
             edge = VECTOR_BYTES // out.itemsize
             for row in range(row_lo, row_hi, edge):
