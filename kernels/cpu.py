@@ -50,6 +50,7 @@ from .gemm import (
     aligned_copy,
     aligned_empty,
     block_columns,
+    column_sums,
     copy_into,
     empty_panels,
     matmul,
@@ -633,6 +634,7 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
         dx[...] = 0
     dw_x = aligned_empty((n_dirs, inputs, four_hidden), dtype)
     dw_h = aligned_empty((n_dirs, hidden, four_hidden), dtype)
+    db = aligned_empty((n_dirs, four_hidden), dtype)
     no_bias = np.empty(0, dtype)
     input_rows, hidden_rows = np.arange(inputs), np.arange(hidden)
     for d in range(n_dirs):
@@ -650,5 +652,5 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
         transpose_into(_valid_pairs(hidden_states[d, :steps].reshape(steps * batch, hidden), rows),
                        h_valid_t)
         matmul(h_valid_t, dz_panels, hidden_rows, dw_h[d], False, no_bias)
-    db = d_gates.sum(axis=(1, 2))
+    column_sums(flat_d_gates, db)
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db

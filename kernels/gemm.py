@@ -719,3 +719,29 @@ def matmul(a, panels, rows, out, accumulate, bias):
             tile_bias = bias[col_lo:col_hi]
             for n in range(row_lo, row_hi):
                 add_into(tile_bias, out[rows[n], col_lo:col_hi])
+
+
+#: Columns one task of :func:`column_sums` adds up: its slice of the sums stays
+#: in L1 while the rows stream past.
+SUM_COLUMNS = 256
+
+
+@njit(parallel=True, cache=True)
+def column_sums(matrices, out):
+    """``out[d] = matrices[d].sum(axis=0)``, in parallel over slices of columns.
+
+    matrices: (D, R, N), rows contiguous; out: (D, N). Each sum adds the rows
+    in order, so the result does not depend on the thread count (NumPy's sum
+    of the bias gradient ran on one thread: 15 ms of a 2 s fwd+bwd at H=1024,
+    B=128).
+    """
+    n_dirs, n_rows, n_cols = matrices.shape
+    n_slices = (n_cols + SUM_COLUMNS - 1) // SUM_COLUMNS
+    for task in prange(n_dirs * n_slices):
+        d, col_lo = task // n_slices, (task % n_slices) * SUM_COLUMNS
+        col_hi = min(col_lo + SUM_COLUMNS, n_cols)
+        sums = out[d, col_lo:col_hi]
+        for j in range(col_hi - col_lo):
+            sums[j] = 0
+        for row in range(n_rows):
+            add_into(matrices[d, row, col_lo:col_hi], sums)

@@ -118,6 +118,20 @@ def test_gate_packing_packs_each_group_of_columns_of_each_direction(dtype, n_gro
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_column_sums_add_every_row_of_each_matrix(dtype):
+    # More columns than one task's slice, the last slice ragged.
+    matrices = np.random.default_rng(9).standard_normal((2, 301, gemm.SUM_COLUMNS + 70))
+    matrices = matrices.astype(dtype)
+    out = np.full((2, matrices.shape[2]), np.nan, dtype)
+    gemm.column_sums(matrices, out)
+    exact = matrices.astype(np.float64).sum(axis=1)
+    # The bound of recursive summation: n eps times the sum of the magnitudes.
+    magnitudes = np.abs(matrices).astype(np.float64).sum(axis=1)
+    bound = matrices.shape[1] * np.finfo(dtype).eps * magnitudes
+    assert np.all(np.abs(out - exact) <= bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_transpose_copies_exactly(dtype):
     # Whole blocks (transposed in registers) and ragged ones (value by value).
     matrix = np.random.default_rng(5).standard_normal((70, 33)).astype(dtype)
