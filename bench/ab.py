@@ -1,0 +1,142 @@
+"""Interleaved A/B timing of the CPU kernels: this checkout's against a git revision's.
+
+    python bench/ab.py --base HEAD --points 256x1 512x32 --dtype f32 --mode fwdbwd
+
+Both versions of the ``kernels`` package are imported into one process (each
+from a copy in a temporary directory, so the first run of each compiles), and their
+``cpu.forward`` (and, with ``--mode fwdbwd``, ``cpu.backward``) are called in
+turn on the same inputs at T=100, I=H: each sample repeats calls for about
+SAMPLE_SECONDS, and the figure is the median over PAIRS pairs of samples of
+base time / new time, so above 1 means this checkout is faster. This is how
+the "interleaved" figures in RESULTS.md are measured: two versions timed side
+by side drift together with the machine, where two separate runs on a shared
+machine differ by several percent. Run it with nothing else running, and
+compare a revision with itself (``--base HEAD`` on a clean checkout) to see
+the noise floor at a point: the two copies' buffers land at different
+addresses, which at B=1 H=512 alone moved the ratio to 0.95.
+"""
+import argparse
+import importlib
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+STEPS = 100
+PAIRS = 7
+SAMPLE_SECONDS = 0.1
+
+
+def import_kernels(name, parent):
+    """The ``kernels`` package under ``parent``, imported as ``name``."""
+    spec = importlib.util.spec_from_file_location(
+        name, parent / "__init__.py", submodule_search_locations=[str(parent)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module(f"{name}.cpu")
+
+
+def write_kernels(revision, directory):
+    """Write ``kernels/*.py`` as of ``revision`` into ``directory``, or as they
+    are in this checkout for ``revision=None``. Each version runs from a copy
+    of its own, so that Numba's on-disk caches of the two never meet."""
+    if revision is None:
+        for path in (REPOSITORY / "kernels").glob("*.py"):
+            shutil.copy(path, directory / path.name)
+        return
+    listing = subprocess.run(["git", "-C", str(REPOSITORY), "ls-tree", "--name-only", revision,
+                              "kernels/"], check=True, capture_output=True, text=True).stdout
+    for path in listing.split():
+        if path.endswith(".py"):
+            source = subprocess.run(["git", "-C", str(REPOSITORY), "show", f"{revision}:{path}"],
+                                    check=True, capture_output=True).stdout
+            (directory / Path(path).name).write_bytes(source)
+
+
+def problem(hidden, batch, dtype):
+    """Inputs and buffers of one point, for ``cpu.forward``/``cpu.backward``."""
+    from nblstm.bench import Point, make_inputs
+
+    params, x, dy = make_inputs(Point(STEPS, batch, hidden, dtype, "fwd"))
+    real = x.dtype
+    state = np.zeros((1, batch, hidden), real)
+    return {
+        "x": x, "w_x": np.ascontiguousarray(params.W_x[None]),
+        "w_h": np.ascontiguousarray(params.W_h[None]), "b": params.b[None].copy(),
+        "h0": state, "c0": state.copy(), "lengths": np.full(batch, STEPS, np.int64), "dy": dy,
+        "y": np.empty((STEPS, batch, hidden), real),
+        "saved": (np.empty((1, STEPS, batch, 4 * hidden), real),
+                  np.empty((1, STEPS + 1, batch, hidden), real),
+                  np.empty((1, STEPS + 1, batch, hidden), real)),
+    }
+
+
+def call(cpu, p, mode):
+    """One forward (inference) or forward + backward call of ``cpu``; returns y."""
+    if mode == "fwd":
+        cpu.forward(p["x"], p["w_x"], p["w_h"], p["b"], p["h0"], p["c0"], p["lengths"], p["y"],
+                    None)
+    else:
+        cpu.forward(p["x"], p["w_x"], p["w_h"], p["b"], p["h0"], p["c0"], p["lengths"], p["y"],
+                    p["saved"])
+        cpu.backward(p["x"], p["w_x"], p["w_h"], p["saved"], p["lengths"], p["dy"], p["h0"],
+                     p["c0"])
+    return p["y"].copy()
+
+
+def sample(run, repeats):
+    """Seconds per call of ``run``, over ``repeats`` calls."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / repeats
+
+
+def compare(base, new, p, mode):
+    """(base ms, new ms, median base/new, largest |y_base - y_new|) at one point."""
+    y_base, y_new = call(base, p, mode), call(new, p, mode)
+    repeats = max(1, int(SAMPLE_SECONDS / sample(lambda: call(base, p, mode), 1)))
+    base_times, new_times = [], []
+    for _ in range(PAIRS):
+        base_times.append(sample(lambda: call(base, p, mode), repeats))
+        new_times.append(sample(lambda: call(new, p, mode), repeats))
+    ratios = np.array(base_times) / np.array(new_times)
+    return (np.median(base_times) * 1e3, np.median(new_times) * 1e3, np.median(ratios),
+            float(np.abs(y_base - y_new).max()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", default="HEAD", help="git revision to compare against")
+    parser.add_argument("--points", nargs="+", default=["256x1"], help="HxB, e.g. 512x32")
+    parser.add_argument("--dtype", choices=["f32", "f64"], default="f32")
+    parser.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwd")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPOSITORY))
+    with tempfile.TemporaryDirectory() as directory:
+        versions = []
+        for name, revision in (("base_kernels", args.base), ("new_kernels", None)):
+            copy = Path(directory) / name
+            copy.mkdir()
+            write_kernels(revision, copy)
+            versions.append(import_kernels(name, copy))
+        base, new = versions
+        for point in args.points:
+            hidden, batch = (int(value) for value in point.split("x"))
+            base_ms, new_ms, ratio, difference = compare(
+                base, new, problem(hidden, batch, args.dtype), args.mode)
+            print(f"{args.mode} {args.dtype} H={hidden} B={batch}: {args.base} {base_ms:.3f} ms, "
+                  f"this checkout {new_ms:.3f} ms, {args.base}/this {ratio:.3f}, "
+                  f"largest |y difference| {difference:.1e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
