@@ -1,9 +1,12 @@
 """The benchmark suite and ``python -m nblstm bench`` run (tiny shapes; no timing asserted)."""
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from nblstm import bench
 from nblstm.cli import main
@@ -85,3 +88,23 @@ def test_gpu_bench_without_a_gpu_says_why(capsys, monkeypatch):
                         lambda: _availability.BackendStatus(False, "unavailable: no GPU here"))
     assert main(["bench", "--backend", "cuda", "--steps", "2", "--hidden", "4"]) == 2
     assert "--backend cuda: the cuda backend is unavailable: no GPU here" in capsys.readouterr().err
+
+
+def test_ab_tool_imports_a_revision_and_this_checkout_side_by_side(tmp_path):
+    if not (ROOT / ".git").exists():
+        pytest.skip("bench/ab.py reads revisions from git")
+    spec = importlib.util.spec_from_file_location("bench_ab", ROOT / "bench" / "ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    checkout = sorted(path.name for path in (ROOT / "kernels").glob("*.py"))
+    versions = []
+    for name, revision in (("ab_test_base", "HEAD"), ("ab_test_new", None)):
+        copy = tmp_path / name
+        copy.mkdir()
+        ab.write_kernels(revision, copy)
+        if revision is None:
+            assert sorted(path.name for path in copy.glob("*.py")) == checkout
+        versions.append(ab.import_kernels(name, copy))
+    base, new = versions
+    assert base is not new and base.forward is not new.forward
+    assert Path(base.__file__).parent == tmp_path / "ab_test_base"
