@@ -5,9 +5,10 @@
 Both versions of the ``kernels`` package are imported into one process (each
 from a copy in a temporary directory, so the first run of each compiles), and their
 ``cpu.forward`` (and, with ``--mode fwdbwd``, ``cpu.backward``) are called in
-turn on the same inputs at T=100, I=H: each sample repeats calls for about
-SAMPLE_SECONDS, and the figure is the median over PAIRS pairs of samples of
-base time / new time, so above 1 means this checkout is faster. This is how
+turn on the same inputs at T=100, I=H, timed as ``python -m nblstm bench``
+times its peers (:func:`nblstm.bench.compare`): the figure is the median over
+PAIRS pairs of samples of base time / new time, so above 1 means this checkout
+is faster. This is how
 the "interleaved" figures in RESULTS.md are measured: two versions timed side
 by side drift together with the machine, where two separate runs on a shared
 machine differ by several percent. Run it with nothing else running, and
@@ -22,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,6 @@ import numpy as np
 REPOSITORY = Path(__file__).resolve().parent.parent
 STEPS = 100
 PAIRS = 7
-SAMPLE_SECONDS = 0.1
 
 
 def import_kernels(name, parent):
@@ -91,25 +90,15 @@ def call(cpu, p, mode):
     return p["y"].copy()
 
 
-def sample(run, repeats):
-    """Seconds per call of ``run``, over ``repeats`` calls."""
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    return (time.perf_counter() - start) / repeats
-
-
 def compare(base, new, p, mode):
-    """(base ms, new ms, median base/new, largest |y_base - y_new|) at one point."""
-    y_base, y_new = call(base, p, mode), call(new, p, mode)
-    repeats = max(1, int(SAMPLE_SECONDS / sample(lambda: call(base, p, mode), 1)))
-    base_times, new_times = [], []
-    for _ in range(PAIRS):
-        base_times.append(sample(lambda: call(base, p, mode), repeats))
-        new_times.append(sample(lambda: call(new, p, mode), repeats))
-    ratios = np.array(base_times) / np.array(new_times)
-    return (np.median(base_times) * 1e3, np.median(new_times) * 1e3, np.median(ratios),
-            float(np.abs(y_base - y_new).max()))
+    """(base ms, new ms, median base/new, largest |y_base - y_new|) at one point,
+    timed as ``python -m nblstm bench`` times its peers (:func:`nblstm.bench.compare`)."""
+    from nblstm import bench
+
+    difference = float(np.abs(call(base, p, mode) - call(new, p, mode)).max())
+    new_s, base_s, ratio = bench.compare(lambda: call(new, p, mode), lambda: call(base, p, mode),
+                                         PAIRS)
+    return base_s * 1e3, new_s * 1e3, ratio, difference
 
 
 def main(argv=None):

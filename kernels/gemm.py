@@ -495,10 +495,10 @@ def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_h
 
 
 @njit(inline="always")
-def _pack_rows(matrix, transposed, col_offset, n_cols, panels, k_lo, k_hi):
-    """Rows [k_lo, k_hi) of every one of :func:`pack_panels`'s panels."""
+def _pack_rows(matrix, col_offset, n_cols, panels, k_lo, k_hi):
+    """Rows [k_lo, k_hi) of every one of :func:`pack_panels`'s panels, not transposed."""
     for block in range(panels.shape[0]):
-        _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_hi)
+        _pack_block(matrix, False, col_offset, n_cols, panels, block, k_lo, k_hi)
 
 
 @njit(parallel=True, cache=True)
@@ -523,7 +523,7 @@ def pack_panels(matrix, transposed, col_offset, n_cols, panels):
     else:
         for chunk in prange((depth + PACK_ROWS - 1) // PACK_ROWS):
             k_lo = chunk * PACK_ROWS
-            _pack_rows(matrix, False, col_offset, n_cols, panels, k_lo,
+            _pack_rows(matrix, col_offset, n_cols, panels, k_lo,
                        min(k_lo + PACK_ROWS, depth))
 
 
@@ -544,7 +544,7 @@ def pack_gate_panels(weights, panels):
     for task in prange(n_dirs * n_groups * n_chunks):
         d, rest = task // (n_groups * n_chunks), task % (n_groups * n_chunks)
         group, k_lo = rest // n_chunks, (rest % n_chunks) * PACK_ROWS
-        _pack_rows(weights[d], False, group * group_width, group_width, panels[d, group], k_lo,
+        _pack_rows(weights[d], group * group_width, group_width, panels[d, group], k_lo,
                    min(k_lo + PACK_ROWS, depth))
 
 
