@@ -28,13 +28,17 @@ order, so results are bit-identical across reruns and thread counts.
 The callers (``nblstm``) validate and allocate; these functions only compute
 into the buffers they are given.
 
-Python first: the drivers below run all their Python (allocations, the work
-plan) before their first compiled call, then the compiled calls back to back.
-Python run right after a parallel kernel is several times slower than the
-same code run after more Python, because the kernel has evicted the
-interpreter's code and data from the cores' caches: measured on a 2-core
-machine, two aligned allocations and the work plan take 5 + 10 us on their
-own and 24 + 41 us right after the input projection (H=256, B=1).
+Compiled drivers: :func:`forward` and :func:`backward` only fetch their
+workspace buffers in Python; everything else (allocations, the work plan,
+the padding, the kernel calls) runs in one compiled function each
+(:func:`_forward_driver`, :func:`_backward_driver`). Python between parallel
+kernels is slow twice over: each compiled call pays the dispatcher's
+argument checks, and Python run right after a parallel kernel runs several
+times slower than the same code run after more Python, because the kernel
+has evicted the interpreter's code and data from the cores' caches
+(measured on a 2-core machine: two aligned allocations and the work plan
+took 5 + 10 us on their own and 24 + 41 us right after the input
+projection, H=256, B=1).
 """
 from pathlib import Path
 
@@ -47,8 +51,7 @@ from .gemm import (
     BLOCK_ROWS,
     WORKSPACE,
     add_into,
-    aligned_copy,
-    aligned_empty,
+    aligned_like,
     block_columns,
     column_sums,
     copy_into,
@@ -190,14 +193,10 @@ def _backward_units(scratch, n_units):
         scratch[_DC * u + j] = dc_prev
 
 
+@njit(inline="always")
 def _most_tiles(n_dirs, batch, hidden):
     """Tiles of a step with every row running: D * row tiles * unit tiles."""
     return n_dirs * -(-batch // ROWS_PER_TILE) * -(-hidden // UNITS_PER_TILE)
-
-
-def _scratch(n_workers, dtype):
-    """One scratch row per worker: (workers, SCRATCH_SEGMENTS * U)."""
-    return aligned_empty((n_workers, SCRATCH_SEGMENTS * UNITS_PER_TILE), dtype)
 
 
 @njit(inline="always")
@@ -404,61 +403,171 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
     """Input projections, then the recurrence of every direction.
 
     x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H); b: (D, 4H)
-    h0, c0: (D, B, H); lengths: (B,) int64
+    h0, c0: (D, B, H) contiguous; lengths: (B,) int64
     y: (T, B, D*H) out, every element (zero at padded times)
     saved: (gates (D, T, B, 4H), hidden_states (D, T+1, B, H),
     cell_states (D, T+1, B, H)) to fill for backward, or None (inference).
     Returns (h_n, c_n), each (D, B, H).
     """
-    steps, batch, inputs = x.shape
+    steps, batch, _ = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
-    # Every buffer and the work plan first, then the compiled calls back to
-    # back (see "Python first" in the module docstring).
     if saved is None:
         gates = WORKSPACE.empty("gates", (n_dirs, steps, batch, N_GATES * hidden), x.dtype)
         hidden_states = cell_states = np.empty((n_dirs, 0, batch, hidden), x.dtype)
     else:
         gates, hidden_states, cell_states = saved
-    flat_x = x.reshape(steps * batch, inputs)
-    flat_gates = gates.reshape(n_dirs, steps * batch, -1)
-    padded = padding(lengths, steps)
-    if padded is not None:
-        y[padded] = 0
-    rows = valid_rows(padded, steps * batch)
     w_x_panels = empty_panels((n_dirs, 1) + panel_shape(w_x.shape[1:], x.dtype), x.dtype, "w_x")
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
                               x.dtype, "w_h")
-    h_ring = aligned_empty((n_dirs, 2, batch, hidden), x.dtype)
-    c_ring = aligned_empty((n_dirs, 2, batch, hidden), x.dtype)
-    h_ring[:, 0], c_ring[:, 0] = h0, c0
-    plan = _work_plan(n_dirs, lengths, hidden, x.dtype, steps)
-    states_out = hidden_states[:, :steps], cell_states[:, :steps]
-    w_x, w_h = np.ascontiguousarray(w_x), np.ascontiguousarray(w_h)
+    return _forward_driver(x, np.ascontiguousarray(w_x), np.ascontiguousarray(w_h),
+                           np.ascontiguousarray(b), h0, c0, lengths, y, gates, hidden_states,
+                           cell_states, w_x_panels, w_h_panels, numba.get_num_threads(),
+                           _team_budgets())
+
+
+@njit(cache=True)
+def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, y, gates, hidden_states, cell_states,
+                    w_x_panels, w_h_panels, n_workers, budgets):
+    """:func:`forward` after the workspace: everything else, compiled.
+
+    gates: (D, T, B, 4H) the saved gates, or workspace when hidden_states
+    and cell_states are (D, 0, B, H) (inference); w_x_panels, w_h_panels:
+    workspace for the packed weights; n_workers: Numba's thread count;
+    budgets: :func:`_team_budgets`.
+    """
+    steps, batch, inputs = x.shape
+    n_dirs, hidden = w_h.shape[0], w_h.shape[1]
+    save = hidden_states.shape[1] > 0
+    rows = valid_rows(lengths, steps)
+    padded = rows.shape[0] < steps * batch
+    if padded:
+        _clear_padding(y, lengths)
+    h_ring = aligned_like(x, (n_dirs, 2, batch, hidden))
+    c_ring = aligned_like(x, (n_dirs, 2, batch, hidden))
+    h_ring[:, 0] = h0
+    c_ring[:, 0] = c0
+    plan = _work_plan(n_dirs, lengths, hidden, x, steps, n_workers, budgets)
+    flat_x = x.reshape(steps * batch, inputs)
+    flat_gates = gates.reshape(n_dirs, steps * batch, N_GATES * hidden)
     pack_gate_panels(w_x, w_x_panels)
     for d in range(n_dirs):
         matmul(flat_x, w_x_panels[d, 0], rows, flat_gates[d], False, b[d])
     pack_gate_panels(w_h, w_h_panels)
-    forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *plan, y, *states_out)
-    h_n = _final_states(h_ring, lengths, padded)
-    c_n = _final_states(c_ring, lengths, padded)
-    if saved is not None:
-        _clear_padding(gates, hidden_states, cell_states, padded)
-        hidden_states[:, steps], cell_states[:, steps] = h_n, c_n
+    forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *plan, y,
+                 hidden_states[:, :steps], cell_states[:, :steps])
+    h_n = _final_states(h_ring, lengths)
+    c_n = _final_states(c_ring, lengths)
+    if save:
+        if padded:
+            for d in range(n_dirs):
+                _clear_padding(gates[d], lengths)
+                _clear_padding(hidden_states[d, :steps], lengths)
+                _clear_padding(cell_states[d, :steps], lengths)
+        hidden_states[:, steps] = h_n
+        cell_states[:, steps] = c_n
     return h_n, c_n
 
 
-def _work_plan(n_dirs, lengths, hidden, dtype, steps):
+def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
+    """The backward loop, then the gradient GEMMs over all steps at once.
+
+    x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H) contiguous
+    saved: (gates, hidden_states, cell_states) from :func:`forward`
+    lengths: (B,) int64; dy: (T, B, D*H) contiguous or None; dh_n, dc_n:
+    (D, B, H) contiguous
+
+    Returns ``(dx (T, B, I), dh0 (D, B, H), dc0 (D, B, H), dW_x (D, I, 4H),
+    dW_h (D, H, 4H), db (D, 4H))``.
+    """
+    gates, hidden_states, cell_states = saved
+    n_dirs, steps, batch, four_hidden = gates.shape
+    inputs = x.shape[2]
+    hidden = four_hidden // N_GATES
+    dtype = x.dtype
+    n_valid = int(lengths.sum())
+    if dy is None:
+        dy = np.empty((0, batch, n_dirs * hidden), dtype)
+    workspace = (
+        WORKSPACE.empty("d_gates", gates.shape, dtype),
+        empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), dtype), dtype, "w_h_t"),
+        empty_panels((n_dirs,) + panel_shape((four_hidden, inputs), dtype), dtype, "w_x_t"),
+        empty_panels(panel_shape((n_valid, four_hidden), dtype), dtype, "dz"),
+        WORKSPACE.empty("x_t", (inputs, n_valid), dtype),
+        WORKSPACE.empty("h_t", (hidden, n_valid), dtype))
+    return _backward_driver(x, np.ascontiguousarray(w_x), w_h, gates, hidden_states, cell_states,
+                            lengths, dy, dh_n, dc_n, workspace, numba.get_num_threads(),
+                            _team_budgets())
+
+
+@njit(cache=True)
+def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy, dh_n, dc_n,
+                     workspace, n_workers, budgets):
+    """:func:`backward` after the workspace: everything else, compiled.
+
+    dy: (T, B, D*H), or (0, B, D*H) for none; workspace: (d_gates (D, T, B,
+    4H), W_h^T panels, W_x^T panels, d_gates panels, x^T (I, V), h^T (H, V)),
+    V the valid (time, row) pairs; n_workers, budgets: as in :func:`_forward_driver`.
+    """
+    d_gates, w_h_t_panels, w_x_t_panels, dz_panels, x_valid_t, h_valid_t = workspace
+    n_dirs, steps, batch, four_hidden = gates.shape
+    inputs = x.shape[2]
+    hidden = four_hidden // N_GATES
+    rows = valid_rows(lengths, steps)
+    padded = rows.shape[0] < steps * batch
+    if padded:
+        for d in range(n_dirs):
+            _clear_padding(d_gates[d], lengths)
+    dc = aligned_like(x, (n_dirs, batch, hidden))
+    dh0 = aligned_like(x, (n_dirs, batch, hidden))
+    dh_step = aligned_like(x, (n_dirs, batch, hidden))
+    dc[...] = dc_n
+    dh0[...] = dh_n
+    plan = _work_plan(n_dirs, lengths, hidden, x, steps + 1, n_workers, budgets)
+    flat_shape = (n_dirs, steps * batch, four_hidden)
+    flat_gates, flat_d_gates = gates.reshape(flat_shape), d_gates.reshape(flat_shape)
+    dx = aligned_like(x, (steps * batch, inputs))
+    if padded:
+        dx[...] = 0
+    dw_x = aligned_like(x, (n_dirs, inputs, four_hidden))
+    dw_h = aligned_like(x, (n_dirs, hidden, four_hidden))
+    db = aligned_like(x, (n_dirs, four_hidden))
+    no_bias = np.empty(0, x.dtype)
+    input_rows, hidden_rows = np.arange(inputs), np.arange(hidden)
+    for d in range(n_dirs):
+        pack_panels(w_h[d], True, 0, hidden, w_h_t_panels[d])
+    backward_loop(flat_gates, cell_states[:, :steps], w_h_t_panels, lengths, *plan, dy, dh_n,
+                  dc, dh_step, dh0, flat_d_gates)
+    # The weight gradients sum over the valid (time, row) pairs only.
+    transpose_into(_valid_pairs(x.reshape(steps * batch, inputs), rows), x_valid_t)
+    for d in range(n_dirs):
+        pack_panels(w_x[d], True, 0, inputs, w_x_t_panels[d])
+        matmul(flat_d_gates[d], w_x_t_panels[d], rows, dx, d > 0, no_bias)
+        pack_panels(_valid_pairs(flat_d_gates[d], rows), False, 0, four_hidden, dz_panels)
+        matmul(x_valid_t, dz_panels, input_rows, dw_x[d], False, no_bias)
+        states = hidden_states[d].reshape(-1, hidden)[:steps * batch]
+        transpose_into(_valid_pairs(states, rows), h_valid_t)
+        matmul(h_valid_t, dz_panels, hidden_rows, dw_h[d], False, no_bias)
+    column_sums(flat_d_gates, db)
+    return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db
+
+
+@njit(inline="always")
+def _work_plan(n_dirs, lengths, hidden, like, steps, n_workers, budgets):
     """Everything a time loop needs to share its work out: (team_rows,
     team_bounds, row_lists, claims, done, scratch) for :func:`forward_loop`
-    and :func:`backward_loop`, whose ``steps`` counts the loop's steps."""
-    n_workers = numba.get_num_threads()
+    and :func:`backward_loop`, whose ``steps`` counts the loop's steps, run
+    by ``n_workers`` workers; ``like`` gives the dtype of the scratch.
+    (Numba's thread count comes from the caller: compiled code that asks for
+    it cannot be cached.)"""
     batch = lengths.shape[0]
-    team_rows, team_bounds = _teams(n_dirs, lengths, hidden, np.dtype(dtype), n_workers)
+    team_rows, team_bounds = _team_plan(n_dirs, lengths, hidden, like.itemsize, n_workers,
+                                        budgets)
     row_lists = np.empty((n_workers, 1 + 2 * n_dirs, batch), np.int64)
     n_teams = team_bounds.shape[0]
     claims, done = counters(n_teams * _most_tiles(n_dirs, batch, hidden), n_teams * max(steps, 1))
+    scratch = aligned_like(like, (n_workers, SCRATCH_SEGMENTS * UNITS_PER_TILE))
     return (team_rows, team_bounds, row_lists, claims.reshape(n_teams, -1),
-            done.reshape(n_teams, -1), _scratch(n_workers, dtype))
+            done.reshape(n_teams, -1), scratch)
 
 
 def _core_cache_bytes():
@@ -501,13 +610,22 @@ MIN_ROWS_PER_TEAM_FROM_L3 = 64
 MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
 
 
-def _rows_split_pays(rows_per_worker, weight_bytes):
+def _team_budgets():
+    """The team-splitting thresholds above, as the compiled drivers take them
+    (read at each call, so that a test may change them)."""
+    return (MIN_ROWS_PER_TEAM, MAX_TEAM_WEIGHT_BYTES, MIN_ROWS_PER_TEAM_FROM_L3,
+            MAX_TEAM_WEIGHT_BYTES_FROM_L3)
+
+
+@njit(inline="always")
+def _rows_split_pays(rows_per_worker, weight_bytes, budgets):
     """Whether one worker per group of ``rows_per_worker`` rows beats sharing
     each step, for a W_h of ``weight_bytes`` (see :data:`MIN_ROWS_PER_TEAM`)."""
-    if weight_bytes <= MAX_TEAM_WEIGHT_BYTES:
-        return rows_per_worker >= MIN_ROWS_PER_TEAM
-    if weight_bytes <= MAX_TEAM_WEIGHT_BYTES_FROM_L3:
-        return rows_per_worker >= MIN_ROWS_PER_TEAM_FROM_L3
+    min_rows, max_bytes, min_rows_from_l3, max_bytes_from_l3 = budgets
+    if weight_bytes <= max_bytes:
+        return rows_per_worker >= min_rows
+    if weight_bytes <= max_bytes_from_l3:
+        return rows_per_worker >= min_rows_from_l3
     return False
 
 
@@ -523,134 +641,93 @@ def _teams(n_dirs, lengths, hidden, dtype, n_workers):
     group of rows when each worker gets enough rows for the size of W_h
     (:func:`_rows_split_pays`), else one team of all the direction's workers.
     """
+    return _team_plan(n_dirs, np.asarray(lengths, np.int64), hidden, np.dtype(dtype).itemsize,
+                      n_workers, _team_budgets())
+
+
+@njit(cache=True)
+def _team_plan(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
+    """:func:`_teams`, compiled, for a dtype of ``itemsize`` bytes and the
+    thresholds ``budgets`` (:func:`_team_budgets`)."""
     batch = lengths.shape[0]
     if n_workers % n_dirs:
-        direction_teams, workers_per_direction = [(0, n_dirs)], n_workers
+        n_direction_teams, workers_per_direction = 1, n_workers
     else:
-        direction_teams = [(d, d + 1) for d in range(n_dirs)]
-        workers_per_direction = n_workers // n_dirs
-    weight_bytes = N_GATES * hidden * hidden * dtype.itemsize
-    split = _rows_split_pays(batch // workers_per_direction, weight_bytes)
-    row_groups = _row_groups(lengths, workers_per_direction if split else 1)
-    n_teams = len(direction_teams) * len(row_groups)
-    team_rows = np.zeros((n_teams, batch), np.int64)
-    team_bounds = np.zeros((n_teams, 3), np.int64)
-    for team, ((d_lo, d_hi), rows) in enumerate(
-            (directions, rows) for directions in direction_teams for rows in row_groups):
-        team_rows[team, :rows.size] = rows
-        team_bounds[team] = d_lo, d_hi, rows.size
+        n_direction_teams, workers_per_direction = n_dirs, n_workers // n_dirs
+    weight_bytes = N_GATES * hidden * hidden * itemsize
+    split = _rows_split_pays(batch // workers_per_direction, weight_bytes, budgets)
+    cuts = _row_cuts(lengths, workers_per_direction if split else 1)
+    n_groups = cuts.shape[0] - 1
+    team_rows = np.zeros((n_direction_teams * n_groups, batch), np.int64)
+    team_bounds = np.zeros((n_direction_teams * n_groups, 3), np.int64)
+    for direction_team in range(n_direction_teams):
+        d_lo = direction_team if n_direction_teams == n_dirs else 0
+        d_hi = d_lo + 1 if n_direction_teams == n_dirs else n_dirs
+        for group in range(n_groups):
+            team = direction_team * n_groups + group
+            n_rows = cuts[group + 1] - cuts[group]
+            team_rows[team, :n_rows] = np.arange(cuts[group], cuts[group + 1])
+            team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2] = d_lo, d_hi, n_rows
     return team_rows, team_bounds
 
 
-def _row_groups(lengths, n_groups):
-    """``n_groups`` contiguous runs of batch rows with about equal sums of
-    lengths (the steps each group runs), as index arrays."""
-    if n_groups == 1:
-        return [np.arange(lengths.shape[0])]
-    work = np.cumsum(lengths) if lengths.sum() > 0 else np.arange(1, lengths.shape[0] + 1)
-    targets = work[-1] * np.arange(1, n_groups) / n_groups
-    cuts = np.searchsorted(work, targets, side="right")
-    return np.split(np.arange(lengths.shape[0]), cuts)
+@njit(inline="always")
+def _row_cuts(lengths, n_groups):
+    """Bounds (n_groups + 1,) of ``n_groups`` contiguous runs of batch rows
+    with about equal sums of lengths (the steps each group runs): group g is
+    rows [cuts[g], cuts[g + 1])."""
+    batch = lengths.shape[0]
+    cuts = np.empty(n_groups + 1, np.int64)
+    cuts[0], cuts[n_groups] = 0, batch
+    if n_groups > 1:
+        if lengths.sum() > 0:
+            work = np.cumsum(lengths).astype(np.float64)
+        else:
+            work = np.arange(1, batch + 1).astype(np.float64)
+        targets = work[-1] * np.arange(1, n_groups) / n_groups
+        cuts[1:n_groups] = np.searchsorted(work, targets, side="right")
+    return cuts
 
 
-def padding(lengths, steps):
-    """(T, B) bool mask of the padded (time, row) pairs, ``t >= lengths[b]``, or
-    None when every row runs all ``steps`` (the common case, which then skips
-    the masking and gathering altogether)."""
-    if lengths.min() >= steps:
-        return None
-    return np.arange(steps)[:, None] >= lengths[None, :]
+@njit(cache=True)
+def valid_rows(lengths, steps):
+    """Indices ``t * B + b`` of the valid (time, row) pairs (``t < lengths[b]``),
+    in order: all T * B of them when every row runs all ``steps``."""
+    batch = lengths.shape[0]
+    rows = np.empty(steps * batch, np.int64)
+    count = 0
+    for t in range(steps):
+        for b in range(batch):
+            if t < lengths[b]:
+                rows[count] = t * batch + b
+                count += 1
+    return rows[:count]
 
 
-def valid_rows(padded, n_pairs):
-    """Indices ``t * B + b`` of the valid (time, row) pairs, in order; ``padded``
-    from :func:`padding`, ``n_pairs`` = T * B."""
-    return np.arange(n_pairs) if padded is None else np.flatnonzero(~padded)
-
-
+@njit(inline="always")
 def _valid_pairs(flat, rows):
     """The rows of a (T * B, n) array at the valid pairs ``rows``: the array
     itself when every pair is valid, else a gathered copy."""
-    return flat if rows.size == flat.shape[0] else flat[rows]
+    return flat if rows.shape[0] == flat.shape[0] else flat[rows]
 
 
-def _final_states(ring, lengths, padded):
+@njit(inline="always")
+def _final_states(ring, lengths):
     """(D, B, H) copy of each row's final state from a (D, 2, B, H) ring: slot
-    ``lengths[b] % 2`` (every row in the same slot when nothing is padded)."""
-    if padded is None:
-        return ring[:, lengths[0] % 2].copy()
-    return ring[:, lengths % 2, np.arange(lengths.shape[0])]
-
-
-def _clear_padding(gates, hidden_states, cell_states, padded):
-    """Zero the saved arrays at the ``padded`` times, so they hold no stale values."""
-    if padded is not None:
-        steps = gates.shape[1]
-        gates[:, padded] = 0
-        hidden_states[:, :steps][:, padded] = 0
-        cell_states[:, :steps][:, padded] = 0
-
-
-def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
-    """The backward loop, then the gradient GEMMs over all steps at once.
-
-    x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H) contiguous
-    saved: (gates, hidden_states, cell_states) from :func:`forward`
-    lengths: (B,) int64; dy: (T, B, D*H) or None; dh_n, dc_n: (D, B, H)
-
-    Returns ``(dx (T, B, I), dh0 (D, B, H), dc0 (D, B, H), dW_x (D, I, 4H),
-    dW_h (D, H, 4H), db (D, 4H))``.
-    """
-    gates, hidden_states, cell_states = saved
-    n_dirs, steps, batch, four_hidden = gates.shape
-    inputs = x.shape[2]
-    hidden = four_hidden // N_GATES
-    dtype = x.dtype
-    w_x = np.ascontiguousarray(w_x)
-    # Every buffer and the work plan first, then the compiled calls back to
-    # back (see "Python first" in the module docstring).
-    if dy is None:
-        dy = np.empty((0, batch, n_dirs * hidden), dtype)
-    d_gates = WORKSPACE.empty("d_gates", gates.shape, dtype)
-    padded = padding(lengths, steps)
-    if padded is not None:
-        d_gates[:, padded] = 0
-    rows = valid_rows(padded, steps * batch)
-    dc = aligned_copy(dc_n)
-    dh0 = aligned_copy(dh_n)
-    dh_step = aligned_empty(dh0.shape, dtype)
-    w_h_t_panels = empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), dtype), dtype,
-                                "w_h_t")
-    w_x_t_panels = empty_panels((n_dirs,) + panel_shape((four_hidden, inputs), dtype), dtype,
-                                "w_x_t")
-    dz_panels = empty_panels(panel_shape((rows.size, four_hidden), dtype), dtype, "dz")
-    x_valid_t = WORKSPACE.empty("x_t", (inputs, rows.size), dtype)
-    h_valid_t = WORKSPACE.empty("h_t", (hidden, rows.size), dtype)
-    plan = _work_plan(n_dirs, lengths, hidden, dtype, steps + 1)
-    flat_shape = (n_dirs, steps * batch, four_hidden)
-    flat_gates, flat_d_gates = gates.reshape(flat_shape), d_gates.reshape(flat_shape)
-    dx = aligned_empty((steps * batch, inputs), dtype)
-    if padded is not None:
-        dx[...] = 0
-    dw_x = aligned_empty((n_dirs, inputs, four_hidden), dtype)
-    dw_h = aligned_empty((n_dirs, hidden, four_hidden), dtype)
-    db = aligned_empty((n_dirs, four_hidden), dtype)
-    no_bias = np.empty(0, dtype)
-    input_rows, hidden_rows = np.arange(inputs), np.arange(hidden)
+    ``lengths[b] % 2``."""
+    n_dirs, _, batch, hidden = ring.shape
+    final = np.empty((n_dirs, batch, hidden), ring.dtype)
     for d in range(n_dirs):
-        pack_panels(w_h[d], True, 0, hidden, w_h_t_panels[d])
-    backward_loop(flat_gates, cell_states[:, :steps], w_h_t_panels, lengths, *plan, dy, dh_n,
-                  dc, dh_step, dh0, flat_d_gates)
-    # The weight gradients sum over the valid (time, row) pairs only.
-    transpose_into(_valid_pairs(x.reshape(steps * batch, inputs), rows), x_valid_t)
-    for d in range(n_dirs):
-        pack_panels(w_x[d], True, 0, inputs, w_x_t_panels[d])
-        matmul(flat_d_gates[d], w_x_t_panels[d], rows, dx, d > 0, no_bias)
-        dz = _valid_pairs(flat_d_gates[d], rows)
-        pack_panels(dz, False, 0, four_hidden, dz_panels)
-        matmul(x_valid_t, dz_panels, input_rows, dw_x[d], False, no_bias)
-        transpose_into(_valid_pairs(hidden_states[d, :steps].reshape(steps * batch, hidden), rows),
-                       h_valid_t)
-        matmul(h_valid_t, dz_panels, hidden_rows, dw_h[d], False, no_bias)
-    column_sums(flat_d_gates, db)
-    return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db
+        for b in range(batch):
+            final[d, b] = ring[d, lengths[b] % 2, b]
+    return final
+
+
+@njit(inline="always")
+def _clear_padding(values, lengths):
+    """Zero ``values[t, b]`` at the padded times ``t >= lengths[b]``; values:
+    (T, B, ...), so that no stale value is left there."""
+    for t in range(values.shape[0]):
+        for b in range(values.shape[1]):
+            if t >= lengths[b]:
+                values[t, b] = 0

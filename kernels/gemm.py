@@ -604,11 +604,17 @@ def aligned_empty(shape, dtype):
     return _carve(*_aligned_buffer(math.prod(shape) * dtype.itemsize), shape, dtype)
 
 
-def aligned_copy(array):
-    """A C-contiguous copy of ``array`` starting on a cache line."""
-    copy = aligned_empty(array.shape, array.dtype)
-    copy[...] = array
-    return copy
+@njit(inline="always")
+def aligned_like(like, shape):
+    """:func:`aligned_empty` for compiled code: an uninitialized C-contiguous
+    array of ``shape`` (a tuple of one integer type) and of ``like``'s dtype,
+    starting on a cache line."""
+    n_items = 1
+    for extent in shape:
+        n_items *= extent
+    buffer = np.empty(n_items + ALIGNMENT // like.itemsize, like.dtype)
+    start = (-buffer.ctypes.data % ALIGNMENT) // like.itemsize
+    return buffer[start:start + n_items].reshape(shape)
 
 
 class Workspace(threading.local):

@@ -43,10 +43,12 @@ _CAN_YIELD = os.name == "posix"
 UNCLAIMED = -1
 
 
+@njit(cache=True)
 def counters(n_tasks, n_steps):
     """Fresh ``(claims, done)`` for ``n_tasks`` tasks a step over ``n_steps``
     steps: claims (n_tasks * SLOT_STRIDE,) int64, every slot UNCLAIMED; done
-    (n_steps * SLOT_STRIDE,) int64, zero."""
+    (n_steps * SLOT_STRIDE,) int64, zero. Compiled, so that the CPU drivers
+    can call it."""
     return (np.full(n_tasks * SLOT_STRIDE, UNCLAIMED, np.int64),
             np.zeros(n_steps * SLOT_STRIDE, np.int64))
 
