@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from .cell import N_GATES, cell_backward, cell_forward, step_time
 from .gemm import (
@@ -266,10 +266,11 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
     team_rows, team_bounds: (teams, B), (teams, 3) int64 from :func:`_teams`
     row_lists:     (workers, 1 + 2D, B) int64 scratch (:func:`_worker_rows`)
     claims, done:  (teams, ...) int64 claim and step counters (:func:`.sync.counters`)
-    scratch:       (workers, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_scratch`
+    scratch:       (workers, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_work_plan`
     y:             (T, B, D*H) out at valid times (direction d in columns d*H..)
-    hidden_states, cell_states: (D, T, B, H) out: the state entering each valid
-                   time; or (D, 0, B, H) to save nothing (inference)
+    hidden_states, cell_states: (D, T + 1, B, H) out at t < T: the state
+                   entering each valid time; or (D, 0, B, H) to save nothing
+                   (inference)
     Direction 1, when present, runs in reverse. One parallel region runs all
     steps. Each team of workers runs its own directions and batch rows, which
     depend on no other team's: its members claim a step's tiles (:mod:`.sync`)
@@ -335,7 +336,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
     """Backpropagate through time for every direction, last step first.
 
     gates:       (D, T * B, 4H) saved post-activation gates, row ``t * B + b``
-    cell_states: (D, T, B, H) saved cell state entering each time
+    cell_states: (D, T + 1, B, H) saved cell state entering each time t < T
     w_h_t_panels:(D, ceil(H / W), 4H, W) each direction's W_h transposed, packed
     lengths:     (B,) int64
     team_rows, team_bounds, row_lists, claims, done, scratch: as in :func:`forward_loop`
@@ -349,7 +350,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
     """
     n_dirs, _, four_hidden = gates.shape
     batch, hidden = dh_n.shape[1], dh_n.shape[2]
-    steps = cell_states.shape[1]
+    steps = gates.shape[1] // batch
     has_dy = dy.shape[0] > 0
     n_unit_tiles = (hidden + UNITS_PER_TILE - 1) // UNITS_PER_TILE
     n_workers = row_lists.shape[0]
@@ -444,17 +445,17 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, y, gates, hidden_states, ce
         _clear_padding(y, lengths)
     h_ring = aligned_like(x, (n_dirs, 2, batch, hidden))
     c_ring = aligned_like(x, (n_dirs, 2, batch, hidden))
-    h_ring[:, 0] = h0
-    c_ring[:, 0] = c0
+    _copy_states(h0, h_ring[:, 0])
+    _copy_states(c0, c_ring[:, 0])
     plan = _work_plan(n_dirs, lengths, hidden, x, steps, n_workers, budgets)
     flat_x = x.reshape(steps * batch, inputs)
     flat_gates = gates.reshape(n_dirs, steps * batch, N_GATES * hidden)
     pack_gate_panels(w_x, w_x_panels)
     for d in range(n_dirs):
-        matmul(flat_x, w_x_panels[d, 0], rows, flat_gates[d], False, b[d])
+        matmul(flat_x, w_x_panels[d, 0], rows, flat_gates[d], _run_time(False), b[d])
     pack_gate_panels(w_h, w_h_panels)
     forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *plan, y,
-                 hidden_states[:, :steps], cell_states[:, :steps])
+                 hidden_states, cell_states)
     h_n = _final_states(h_ring, lengths)
     c_n = _final_states(c_ring, lengths)
     if save:
@@ -463,8 +464,8 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, y, gates, hidden_states, ce
                 _clear_padding(gates[d], lengths)
                 _clear_padding(hidden_states[d, :steps], lengths)
                 _clear_padding(cell_states[d, :steps], lengths)
-        hidden_states[:, steps] = h_n
-        cell_states[:, steps] = c_n
+        _copy_states(h_n, hidden_states[:, steps])
+        _copy_states(c_n, cell_states[:, steps])
     return h_n, c_n
 
 
@@ -480,7 +481,7 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     dW_h (D, H, 4H), db (D, 4H))``.
     """
     gates, hidden_states, cell_states = saved
-    n_dirs, steps, batch, four_hidden = gates.shape
+    n_dirs, _, batch, four_hidden = gates.shape
     inputs = x.shape[2]
     hidden = four_hidden // N_GATES
     dtype = x.dtype
@@ -520,8 +521,8 @@ def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy
     dc = aligned_like(x, (n_dirs, batch, hidden))
     dh0 = aligned_like(x, (n_dirs, batch, hidden))
     dh_step = aligned_like(x, (n_dirs, batch, hidden))
-    dc[...] = dc_n
-    dh0[...] = dh_n
+    _copy_states(dc_n, dc)
+    _copy_states(dh_n, dh0)
     plan = _work_plan(n_dirs, lengths, hidden, x, steps + 1, n_workers, budgets)
     flat_shape = (n_dirs, steps * batch, four_hidden)
     flat_gates, flat_d_gates = gates.reshape(flat_shape), d_gates.reshape(flat_shape)
@@ -534,21 +535,31 @@ def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy
     no_bias = np.empty(0, x.dtype)
     input_rows, hidden_rows = np.arange(inputs), np.arange(hidden)
     for d in range(n_dirs):
-        pack_panels(w_h[d], True, 0, hidden, w_h_t_panels[d])
-    backward_loop(flat_gates, cell_states[:, :steps], w_h_t_panels, lengths, *plan, dy, dh_n,
+        pack_panels(w_h[d], _run_time(True), _run_time(0), hidden, w_h_t_panels[d])
+    backward_loop(flat_gates, cell_states, w_h_t_panels, lengths, *plan, dy, dh_n,
                   dc, dh_step, dh0, flat_d_gates)
     # The weight gradients sum over the valid (time, row) pairs only.
     transpose_into(_valid_pairs(x.reshape(steps * batch, inputs), rows), x_valid_t)
     for d in range(n_dirs):
-        pack_panels(w_x[d], True, 0, inputs, w_x_t_panels[d])
+        pack_panels(w_x[d], _run_time(True), _run_time(0), inputs, w_x_t_panels[d])
         matmul(flat_d_gates[d], w_x_t_panels[d], rows, dx, d > 0, no_bias)
-        pack_panels(_valid_pairs(flat_d_gates[d], rows), False, 0, four_hidden, dz_panels)
-        matmul(x_valid_t, dz_panels, input_rows, dw_x[d], False, no_bias)
+        pack_panels(_valid_pairs(flat_d_gates[d], rows), _run_time(False), _run_time(0),
+                    four_hidden, dz_panels)
+        matmul(x_valid_t, dz_panels, input_rows, dw_x[d], _run_time(False), no_bias)
         states = hidden_states[d].reshape(-1, hidden)[:steps * batch]
         transpose_into(_valid_pairs(states, rows), h_valid_t)
-        matmul(h_valid_t, dz_panels, hidden_rows, dw_h[d], False, no_bias)
+        matmul(h_valid_t, dz_panels, hidden_rows, dw_h[d], _run_time(False), no_bias)
     column_sums(flat_d_gates, db)
     return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db
+
+
+@njit([types.boolean(types.boolean), types.int64(types.int64)], cache=True)
+def _run_time(value):
+    """``value`` as a run-time bool or int64. A constant passed straight to
+    another compiled function is typed as a literal, and that function is then
+    compiled once more for it (seconds for each product and packing kernel)
+    instead of reusing the version compiled for the run-time type."""
+    return value
 
 
 @njit(inline="always")
@@ -666,7 +677,8 @@ def _team_plan(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
         for group in range(n_groups):
             team = direction_team * n_groups + group
             n_rows = cuts[group + 1] - cuts[group]
-            team_rows[team, :n_rows] = np.arange(cuts[group], cuts[group + 1])
+            for n in range(n_rows):
+                team_rows[team, n] = cuts[group] + n
             team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2] = d_lo, d_hi, n_rows
     return team_rows, team_bounds
 
@@ -674,18 +686,25 @@ def _team_plan(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
 @njit(inline="always")
 def _row_cuts(lengths, n_groups):
     """Bounds (n_groups + 1,) of ``n_groups`` contiguous runs of batch rows
-    with about equal sums of lengths (the steps each group runs): group g is
-    rows [cuts[g], cuts[g + 1])."""
+    with about equal sums of lengths (the steps each group runs), or of rows
+    when every length is 0: group g is rows [cuts[g], cuts[g + 1]). Cut g is
+    the number of rows whose running sum is at most g / n_groups of the total.
+    Plain loops: NumPy's cumsum and searchsorted cost seconds of compile time."""
     batch = lengths.shape[0]
+    weighted = lengths.sum() > 0
+    total = lengths.sum() if weighted else batch
     cuts = np.empty(n_groups + 1, np.int64)
     cuts[0], cuts[n_groups] = 0, batch
-    if n_groups > 1:
-        if lengths.sum() > 0:
-            work = np.cumsum(lengths).astype(np.float64)
-        else:
-            work = np.arange(1, batch + 1).astype(np.float64)
-        targets = work[-1] * np.arange(1, n_groups) / n_groups
-        cuts[1:n_groups] = np.searchsorted(work, targets, side="right")
+    for group in range(1, n_groups):
+        target = total * group / n_groups
+        running = 0
+        count = 0
+        for row in range(batch):
+            running += lengths[row] if weighted else 1
+            if running > target:
+                break
+            count += 1
+        cuts[group] = count
     return cuts
 
 
@@ -719,8 +738,17 @@ def _final_states(ring, lengths):
     final = np.empty((n_dirs, batch, hidden), ring.dtype)
     for d in range(n_dirs):
         for b in range(batch):
-            final[d, b] = ring[d, lengths[b] % 2, b]
+            copy_into(ring[d, lengths[b] % 2, b], final[d, b])
     return final
+
+
+@njit(inline="always")
+def _copy_states(source, destination):
+    """``destination[...] = source`` for (D, B, H) arrays, as loops (an array
+    assignment compiles its shape-mismatch error message, seconds of compile time)."""
+    for d in range(source.shape[0]):
+        for b in range(source.shape[1]):
+            copy_into(source[d, b], destination[d, b])
 
 
 @njit(inline="always")
