@@ -562,7 +562,7 @@ def _run_time(value):
     return value
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _work_plan(n_dirs, lengths, hidden, like, steps, n_workers, budgets):
     """Everything a time loop needs to share its work out: (team_rows,
     team_bounds, row_lists, claims, done, scratch) for :func:`forward_loop`
@@ -723,14 +723,14 @@ def valid_rows(lengths, steps):
     return rows[:count]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _valid_pairs(flat, rows):
     """The rows of a (T * B, n) array at the valid pairs ``rows``: the array
     itself when every pair is valid, else a gathered copy."""
     return flat if rows.shape[0] == flat.shape[0] else flat[rows]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _final_states(ring, lengths):
     """(D, B, H) copy of each row's final state from a (D, 2, B, H) ring: slot
     ``lengths[b] % 2``."""
@@ -742,7 +742,7 @@ def _final_states(ring, lengths):
     return final
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _copy_states(source, destination):
     """``destination[...] = source`` for (D, B, H) arrays, as loops (an array
     assignment compiles its shape-mismatch error message, seconds of compile time)."""
@@ -751,7 +751,7 @@ def _copy_states(source, destination):
             copy_into(source[d, b], destination[d, b])
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _clear_padding(values, lengths):
     """Zero ``values[t, b]`` at the padded times ``t >= lengths[b]``; values:
     (T, B, ...), so that no stale value is left there."""
