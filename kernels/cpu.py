@@ -25,8 +25,8 @@ zero gates, zero gradients).
 Every output element is produced by exactly one tile, summing in a fixed
 order, so results are bit-identical across reruns and thread counts.
 
-The callers (``nblstm``) validate and allocate; these functions only compute
-into the buffers they are given.
+The callers (``nblstm``) validate the arguments and allocate the forward
+outputs; these functions trust both.
 
 Compiled drivers: :func:`forward` and :func:`backward` only fetch their
 workspace buffers in Python; everything else (allocations, the work plan,
