@@ -1,9 +1,13 @@
 """Variable lengths, bidirectional and multi-layer stacks, dropout, batch_first, the LSTM layer."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
 
 import nblstm
 from helpers import TOLERANCE, as_float64, compiled_backends, random_problem, relative_error
+from nblstm.kernels import cpu
 
 DTYPES = [np.float32, np.float64]
 
@@ -221,8 +225,6 @@ def test_layer_rejects_bad_arguments():
 def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers
     (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3)."""
-    from nblstm.kernels import cpu
-
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 20)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 2 ** 22)
     f32 = np.dtype(np.float32)
@@ -247,6 +249,25 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     np.testing.assert_array_equal(bounds, [[0, 1, 3], [1, 2, 3]])
     _, bounds = cpu._teams(2, np.full(3, 7), 1024, f32, 3)
     np.testing.assert_array_equal(bounds, [[0, 2, 3]])
+
+
+@njit
+def _row_cuts(lengths, n_groups):
+    return cpu._row_cuts(lengths, n_groups)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(lengths=st.lists(st.integers(0, 12), min_size=1, max_size=40), n_groups=st.integers(1, 5))
+def test_row_groups_cut_where_the_steps_balance(lengths, n_groups):
+    """Group g of :func:`kernels.cpu._row_cuts` ends after the last row whose running sum of
+    lengths (of rows, when all are 0) is at most g / n_groups of the total."""
+    lengths = np.array(lengths, np.int64)
+    cuts = _row_cuts(lengths, n_groups)
+    work = np.cumsum(lengths) if lengths.sum() > 0 else np.arange(1, lengths.size + 1)
+    assert cuts[0] == 0 and cuts[-1] == lengths.size and np.all(np.diff(cuts) >= 0)
+    for group in range(1, n_groups):
+        target = work[-1] * group / n_groups
+        assert np.all(work[:cuts[group]] <= target) and np.all(work[cuts[group]:] > target)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
