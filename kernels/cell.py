@@ -145,18 +145,28 @@ def step_time(step, length, reverse):
 
 
 @njit(inline="always")
+def gate_activations(z_i, z_f, z_g, z_o):
+    """The four gates of one unit from their pre-activations: ``(i, f, g, o)``."""
+    return sigmoid(z_i), sigmoid(z_f), tanh(z_g), sigmoid(z_o)
+
+
+@njit(inline="always")
+def cell_state(i, f, g, o, c_prev):
+    """The new cell and hidden state of one unit from its gates: ``(c, h)``."""
+    c = f * c_prev + i * g
+    return c, o * tanh(c)
+
+
+@njit(inline="always")
 def cell_forward(z_i, z_f, z_g, z_o, c_prev):
-    """One unit of one step, from pre-activations to the new state.
+    """One unit of one step, from pre-activations to the new state:
+    :func:`gate_activations`, then :func:`cell_state`.
 
     Returns ``(i, f, g, o, c, h)``: the post-activation gates, the new cell
     state and the new hidden state.
     """
-    i = sigmoid(z_i)
-    f = sigmoid(z_f)
-    g = tanh(z_g)
-    o = sigmoid(z_o)
-    c = f * c_prev + i * g
-    h = o * tanh(c)
+    i, f, g, o = gate_activations(z_i, z_f, z_g, z_o)
+    c, h = cell_state(i, f, g, o, c_prev)
     return i, f, g, o, c, h
 
 
