@@ -582,8 +582,7 @@ def _work_plan(n_dirs, lengths, hidden, like, steps, n_workers, budgets):
     (Numba's thread count comes from the caller: compiled code that asks for
     it cannot be cached.)"""
     batch = lengths.shape[0]
-    team_rows, team_bounds = _team_plan(n_dirs, lengths, hidden, like.itemsize, n_workers,
-                                        budgets)
+    team_rows, team_bounds = _teams(n_dirs, lengths, hidden, like.itemsize, n_workers, budgets)
     row_lists = np.empty((n_workers, 1 + 2 * n_dirs, batch), np.int64)
     n_teams = team_bounds.shape[0]
     claims, done = counters(n_teams * _most_tiles(n_dirs, batch, hidden), n_teams * max(steps, 1))
@@ -651,9 +650,11 @@ def _rows_split_pays(rows_per_worker, weight_bytes, budgets):
     return False
 
 
-def _teams(n_dirs, lengths, hidden, dtype, n_workers):
+@njit(cache=True)
+def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     """How the workers split a time loop's work: (team_rows (teams, B),
-    team_bounds (teams, 3)) int64.
+    team_bounds (teams, 3)) int64, for a dtype of ``itemsize`` bytes and the
+    thresholds ``budgets`` (:func:`_team_budgets`).
 
     Team t runs directions [team_bounds[t, 0], team_bounds[t, 1]) for the
     batch rows ``team_rows[t, :team_bounds[t, 2]]``; its n_workers // teams
@@ -663,14 +664,6 @@ def _teams(n_dirs, lengths, hidden, dtype, n_workers):
     group of rows when each worker gets enough rows for the size of W_h
     (:func:`_rows_split_pays`), else one team of all the direction's workers.
     """
-    return _team_plan(n_dirs, np.asarray(lengths, np.int64), hidden, np.dtype(dtype).itemsize,
-                      n_workers, _team_budgets())
-
-
-@njit(cache=True)
-def _team_plan(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
-    """:func:`_teams`, compiled, for a dtype of ``itemsize`` bytes and the
-    thresholds ``budgets`` (:func:`_team_budgets`)."""
     batch = lengths.shape[0]
     if n_workers % n_dirs:
         n_direction_teams, workers_per_direction = 1, n_workers
