@@ -411,45 +411,59 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
             wait_until_done(done[team], order, n_tiles)
 
 
-def forward(x, w_x, w_h, b, h0, c0, lengths, y, saved):
+def forward(x, w_x, w_h, b, h0, c0, lengths, training):
     """Input projections, then the recurrence of every direction.
 
     x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H); b: (D, 4H)
     h0, c0: (D, B, H) contiguous; lengths: (B,) int64
-    y: (T, B, D*H) out, every element (zero at padded times)
-    saved: (gates (D, T, B, 4H), hidden_states (D, T+1, B, H),
-    cell_states (D, T+1, B, H)) to fill for backward, or None (inference).
-    Returns (h_n, c_n), each (D, B, H).
+    training: whether to return what backward needs.
+
+    Returns ``(y (T, B, D*H), h_n (D, B, H), c_n (D, B, H), saved)``: y zero at
+    padded times; saved, when training, ``(gates (D, T, B, 4H), hidden_states
+    (D, T+1, B, H), cell_states (D, T+1, B, H))`` for :func:`backward`, else None.
+    The outputs are allocated in compiled code, cache-line aligned.
     """
     steps, batch, _ = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
-    if saved is None:
-        gates = WORKSPACE.empty("gates", (n_dirs, steps, batch, N_GATES * hidden), x.dtype)
-        hidden_states = cell_states = np.empty((n_dirs, 0, batch, hidden), x.dtype)
-    else:
-        gates, hidden_states, cell_states = saved
+    shape = (n_dirs, steps, batch, N_GATES * hidden)
+    gates = _NO_GATES[x.dtype.num] if training else WORKSPACE.empty("gates", shape, x.dtype)
     w_x_panels = empty_panels((n_dirs, 1) + panel_shape(w_x.shape[1:], x.dtype), x.dtype, "w_x")
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
                               x.dtype, "w_h")
-    return _forward_driver(x, np.ascontiguousarray(w_x), np.ascontiguousarray(w_h),
-                           np.ascontiguousarray(b), h0, c0, lengths, y, gates, hidden_states,
-                           cell_states, w_x_panels, w_h_panels, numba.get_num_threads(),
-                           _team_budgets())
+    y, h_n, c_n, gates, hidden_states, cell_states = _forward_driver(
+        x, np.ascontiguousarray(w_x), np.ascontiguousarray(w_h), np.ascontiguousarray(b), h0, c0,
+        lengths, training, gates, w_x_panels, w_h_panels, numba.get_num_threads(),
+        _team_budgets())
+    return y, h_n, c_n, ((gates, hidden_states, cell_states) if training else None)
+
+
+#: dtype number -> the empty gates workspace that a training forward passes
+#: (it allocates the gates it returns).
+_NO_GATES = {np.dtype(t).num: np.empty((0, 0, 0, 0), t) for t in (np.float32, np.float64)}
 
 
 @njit(cache=True)
-def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, y, gates, hidden_states, cell_states,
-                    w_x_panels, w_h_panels, n_workers, budgets):
+def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, gates_workspace, w_x_panels,
+                    w_h_panels, n_workers, budgets):
     """:func:`forward` after the workspace: everything else, compiled.
 
-    gates: (D, T, B, 4H) the saved gates, or workspace when hidden_states
-    and cell_states are (D, 0, B, H) (inference); w_x_panels, w_h_panels:
-    workspace for the packed weights; n_workers: Numba's thread count;
-    budgets: :func:`_team_budgets`.
+    gates_workspace: (D, T, B, 4H) room for the gates of an inference pass;
+    w_x_panels, w_h_panels: workspace for the packed weights; n_workers:
+    Numba's thread count; budgets: :func:`_team_budgets`.
+    Returns (y, h_n, c_n, gates, hidden_states, cell_states), the last two
+    (D, 0, B, H) when not training.
     """
     steps, batch, inputs = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
-    save = hidden_states.shape[1] > 0
+    y = aligned_like(x, (steps, batch, n_dirs * hidden))
+    if training:
+        gates = aligned_like(x, (n_dirs, steps, batch, N_GATES * hidden))
+        hidden_states = aligned_like(x, (n_dirs, steps + 1, batch, hidden))
+        cell_states = aligned_like(x, (n_dirs, steps + 1, batch, hidden))
+    else:
+        gates = gates_workspace
+        hidden_states = np.empty((n_dirs, 0, batch, hidden), x.dtype)
+        cell_states = np.empty((n_dirs, 0, batch, hidden), x.dtype)
     rows = valid_rows(lengths, steps)
     padded = rows.shape[0] < steps * batch
     if padded:
@@ -469,7 +483,7 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, y, gates, hidden_states, ce
                  hidden_states, cell_states)
     h_n = _final_states(h_ring, lengths)
     c_n = _final_states(c_ring, lengths)
-    if save:
+    if training:
         if padded:
             for d in range(n_dirs):
                 _clear_padding(gates[d], lengths)
@@ -477,7 +491,7 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, y, gates, hidden_states, ce
                 _clear_padding(cell_states[d, :steps], lengths)
         _copy_states(h_n, hidden_states[:, steps])
         _copy_states(c_n, cell_states[:, steps])
-    return h_n, c_n
+    return y, h_n, c_n, gates, hidden_states, cell_states
 
 
 def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):

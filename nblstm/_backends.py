@@ -10,8 +10,7 @@ import numpy as np
 
 from . import reference
 from ._device import is_device_array
-from ._threads import parallel_section
-from .params import N_GATES
+from ._threads import run_parallel
 
 
 class HostBackend:
@@ -110,6 +109,14 @@ class CPUBackend(HostBackend):
 
     name = "cpu"
 
+    def __init__(self):
+        # Imported here, not with the package: loading the kernels costs a
+        # fraction of a second that the "numpy" backend never needs. One
+        # instance serves every call (get_backend).
+        from .kernels import cpu
+
+        self._kernels = cpu
+
     @staticmethod
     def _stacked(params, field, contiguous=False):
         arrays = [getattr(p, field) for p in params]
@@ -120,37 +127,28 @@ class CPUBackend(HostBackend):
 
     def forward(self, x, params, h0, c0, lengths, training):
         """As :meth:`NumpyBackend.forward`."""
-        from .kernels import cpu
-        from .kernels.gemm import aligned_empty
-
-        steps, batch, _ = x.shape
-        n_dirs, hidden = len(params), params[0].hidden_size
-        # Cache-line aligned: the kernels' threads write neighbouring tiles of
-        # these rows, and must not share a line.
-        y = aligned_empty((steps, batch, n_dirs * hidden), x.dtype)
-        saved = None
-        if training:
-            saved = (aligned_empty((n_dirs, steps, batch, N_GATES * hidden), x.dtype),
-                     aligned_empty((n_dirs, steps + 1, batch, hidden), x.dtype),
-                     aligned_empty((n_dirs, steps + 1, batch, hidden), x.dtype))
-        with np.errstate(all="ignore"), parallel_section():
-            h_n, c_n = cpu.forward(x, self._stacked(params, "W_x"), self._stacked(params, "W_h"),
-                                   self._stacked(params, "b"), h0, c0, lengths, y, saved)
-        return y, h_n, c_n, saved
+        return run_parallel(self._kernels.forward, x, self._stacked(params, "W_x"),
+                            self._stacked(params, "W_h"), self._stacked(params, "b"), h0, c0,
+                            lengths, training)
 
     def backward(self, x, params, saved, lengths, dy, dh_n, dc_n):
         """As :meth:`NumpyBackend.backward`."""
-        from .kernels import cpu
+        return run_parallel(self._kernels.backward, x, self._stacked(params, "W_x"),
+                            self._stacked(params, "W_h", contiguous=True), saved, lengths, dy,
+                            dh_n, dc_n)
 
-        with np.errstate(all="ignore"), parallel_section():
-            return cpu.backward(x, self._stacked(params, "W_x"),
-                                self._stacked(params, "W_h", contiguous=True), saved, lengths,
-                                dy, dh_n, dc_n)
+
+#: name -> the one object of each host backend (they hold no per-call state).
+_HOST_BACKENDS = {}
 
 
 def get_backend(name):
-    """The backend object for ``name`` ("numpy", "cpu" or "cuda")."""
+    """The backend object for ``name`` ("numpy", "cpu" or "cuda"). A "cuda"
+    backend is new at each call: it holds the call's stream."""
     if name == "cuda":
         from ._cuda_backend import CUDABackend
         return CUDABackend()
-    return {"numpy": NumpyBackend, "cpu": CPUBackend}[name]()
+    backend = _HOST_BACKENDS.get(name)
+    if backend is None:
+        backend = _HOST_BACKENDS[name] = {"numpy": NumpyBackend, "cpu": CPUBackend}[name]()
+    return backend
