@@ -625,24 +625,37 @@ class Workspace(threading.local):
     fills it; so packed weights, transposes and gradient scratch are carved
     from buffers that live from one call to the next, one per name, grown to
     the largest size asked. Nothing carved from it ever reaches a caller.
+
+    A name asked again with the same shape and dtype gets the same array
+    object back: repeated calls of one size then cost a dictionary lookup,
+    not a carving, which matters because the Python between two calls runs
+    slowly, right after a parallel kernel has evicted it from the caches.
     """
 
     def __init__(self):
         #: name -> (uint8 buffer, offset of its first cache-line boundary)
         self._buffers = {}
+        #: name -> (shape, dtype, the array last carved under that name)
+        self._last = {}
 
     def empty(self, name, shape, dtype):
         """An uninitialized aligned array of ``shape``, valid until ``name`` is asked again."""
+        last = self._last.get(name)
+        if last is not None and last[0] == shape and last[1] == dtype:
+            return last[2]
         dtype = np.dtype(dtype)
         n_bytes = math.prod(shape) * dtype.itemsize
         entry = self._buffers.get(name)
         if entry is None or entry[0].nbytes < n_bytes + ALIGNMENT:
             entry = self._buffers[name] = _aligned_buffer(n_bytes)
-        return _carve(*entry, shape, dtype)
+        array = _carve(*entry, shape, dtype)
+        self._last[name] = (shape, dtype, array)
+        return array
 
     def clear(self):
         """Release this thread's buffers."""
         self._buffers.clear()
+        self._last.clear()
 
     @property
     def n_bytes(self):
