@@ -25,12 +25,12 @@ zero gates, zero gradients).
 Every output element is produced by exactly one tile, summing in a fixed
 order, so results are bit-identical across reruns and thread counts.
 
-The callers (``nblstm``) validate the arguments and allocate the forward
-outputs; these functions trust both.
+The callers (``nblstm``) validate the arguments; these functions trust them.
 
 Compiled drivers: :func:`forward` and :func:`backward` only fetch their
-workspace buffers in Python; everything else (allocations, the work plan,
-the padding, the kernel calls) runs in one compiled function each
+workspace buffers in Python; everything else (allocations, the outputs
+included, the work plan, the padding, the kernel calls) runs in one compiled
+function each
 (:func:`_forward_driver`, :func:`_backward_driver`). Python between parallel
 kernels is slow twice over: each compiled call pays the dispatcher's
 argument checks, and Python run right after a parallel kernel runs several

@@ -598,17 +598,11 @@ def _carve(buffer, start, shape, dtype):
     return buffer[start:start + n_bytes].view(dtype).reshape(shape)
 
 
-def aligned_empty(shape, dtype):
-    """An uninitialized C-contiguous array of ``shape`` starting on a cache line."""
-    dtype = np.dtype(dtype)
-    return _carve(*_aligned_buffer(math.prod(shape) * dtype.itemsize), shape, dtype)
-
-
 @njit(inline="always")
 def aligned_like(like, shape):
-    """:func:`aligned_empty` for compiled code: an uninitialized C-contiguous
-    array of ``shape`` (a tuple of one integer type) and of ``like``'s dtype,
-    starting on a cache line."""
+    """An uninitialized C-contiguous array of ``shape`` (a tuple of one
+    integer type) and of ``like``'s dtype, starting on a cache line; for
+    compiled code, which allocates every array the CPU drivers return."""
     n_items = 1
     for extent in shape:
         n_items *= extent

@@ -146,7 +146,12 @@ def test_workspace_is_reused_and_released():
     assert first.ctypes.data % gemm.ALIGNMENT == 0
     again = gemm.WORKSPACE.empty("test", (5, 3), np.float32)
     assert np.shares_memory(first, again)
+    assert again.shape == (5, 3) and again.dtype == np.float32
+    assert gemm.WORKSPACE.empty("test", (5, 3), np.float32) is again
+    larger = gemm.WORKSPACE.empty("test", (20, 20), np.float64)
+    assert larger.shape == (20, 20) and larger.ctypes.data % gemm.ALIGNMENT == 0
     assert clear_workspace() > 0 and clear_workspace() == 0
+    assert gemm.WORKSPACE.empty("test", (20, 20), np.float64) is not larger
 
 
 @njit(error_model="numpy")
@@ -220,7 +225,6 @@ def test_arrays_the_threads_write_start_on_a_cache_line():
     written = [y, cache.gates, cache.hidden_states, cache.cell_states, grads.dx, grads.dW_x,
                grads.dW_h]
     assert all(array.ctypes.data % gemm.ALIGNMENT == 0 for array in written)
-    assert gemm.aligned_empty((3, 5), np.float64).ctypes.data % gemm.ALIGNMENT == 0
 
 
 def test_padding_stays_zero_in_y_and_dx():
