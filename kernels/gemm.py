@@ -21,6 +21,7 @@ lane, summed in an order fixed by the shapes (never by the thread count), so
 results are bit-identical across reruns and thread counts.
 """
 import math
+import sys
 import threading
 
 import llvmlite.binding as llvm
@@ -598,15 +599,65 @@ def _carve(buffer, start, shape, dtype):
     return buffer[start:start + n_bytes].view(dtype).reshape(shape)
 
 
+#: Linux's ``madvise`` advice asking for transparent huge pages in a range.
+MADV_HUGEPAGE = 14
+#: Arrays from this size up are advised to use huge pages, as NumPy advises
+#: its own allocations (its threshold too).
+HUGE_PAGE_MIN_BYTES = 4 * 2 ** 20
+#: Bytes of a base page, the granularity ``madvise`` takes.
+PAGE_BYTES = 4096
+#: Only Linux knows MADV_HUGEPAGE; elsewhere large arrays stay as allocated.
+_CAN_ADVISE_HUGE_PAGES = sys.platform.startswith("linux")
+
+
+@intrinsic
+def _madvise(typingctx, address, length, advice):
+    """``madvise(address, length, advice)`` from the C library; returns its int32 status."""
+    if not all(isinstance(arg, types.Integer) for arg in (address, length, advice)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        byte_ptr = ir.IntType(8).as_pointer()
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(32), [byte_ptr, ir.IntType(64),
+                                                             ir.IntType(32)]), "madvise")
+        pointer = builder.inttoptr(context.cast(builder, args[0], signature.args[0], types.int64),
+                                   byte_ptr)
+        size = context.cast(builder, args[1], signature.args[1], types.int64)
+        flag = context.cast(builder, args[2], signature.args[2], types.int32)
+        return builder.call(function, [pointer, size, flag])
+
+    return types.int32(address, length, advice), codegen
+
+
+@njit(inline="always")
+def _advise_huge_pages(address, n_bytes):
+    """Ask Linux to back the whole pages of [address, address + n_bytes) with
+    huge pages, before they are first touched.
+
+    A large array allocated in compiled code comes from ``malloc``, so each
+    4 KiB page costs a page fault on first touch; NumPy advises huge pages for
+    its own large arrays, and compiled code did not. Measured on a 2-core
+    machine: touching a fresh 210 MB array took 88 ms from compiled code and
+    28 ms from NumPy. A failed advice (huge pages off) changes nothing.
+    """
+    if _CAN_ADVISE_HUGE_PAGES and n_bytes >= HUGE_PAGE_MIN_BYTES:
+        first = (address + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES
+        last = (address + n_bytes) // PAGE_BYTES * PAGE_BYTES
+        _madvise(first, last - first, MADV_HUGEPAGE)
+
+
 @njit(inline="always")
 def aligned_like(like, shape):
     """An uninitialized C-contiguous array of ``shape`` (a tuple of one
-    integer type) and of ``like``'s dtype, starting on a cache line; for
-    compiled code, which allocates every array the CPU drivers return."""
+    integer type) and of ``like``'s dtype, starting on a cache line, in huge
+    pages when it is large (:func:`_advise_huge_pages`); for compiled code,
+    which allocates every array the CPU drivers return."""
     n_items = 1
     for extent in shape:
         n_items *= extent
     buffer = np.empty(n_items + ALIGNMENT // like.itemsize, like.dtype)
+    _advise_huge_pages(buffer.ctypes.data, buffer.nbytes)
     start = (-buffer.ctypes.data % ALIGNMENT) // like.itemsize
     return buffer[start:start + n_items].reshape(shape)
 

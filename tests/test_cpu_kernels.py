@@ -154,6 +154,27 @@ def test_workspace_is_reused_and_released():
     assert gemm.WORKSPACE.empty("test", (20, 20), np.float64) is not larger
 
 
+@njit
+def _filled_aligned(like, n_rows, n_cols):
+    array = gemm.aligned_like(like, (n_rows, n_cols))
+    for row in range(n_rows):
+        for col in range(n_cols):
+            array[row, col] = row - col
+    return array
+
+
+@pytest.mark.parametrize("n_rows", [3, 2049], ids=["small", "huge-page-advised"])
+def test_compiled_allocations_are_aligned_and_whole(n_rows):
+    """Large arrays allocated in compiled code are advised into huge pages
+    (``madvise``); the advice must leave them whole and aligned."""
+    like = np.zeros(1, np.float32)
+    array = _filled_aligned(like, n_rows, 1024)
+    assert array.nbytes >= gemm.HUGE_PAGE_MIN_BYTES or n_rows == 3
+    assert array.ctypes.data % gemm.ALIGNMENT == 0 and array.flags.c_contiguous
+    expected = np.arange(n_rows, dtype=np.float32)[:, None] - np.arange(1024, dtype=np.float32)
+    np.testing.assert_array_equal(array, expected)
+
+
 @njit(error_model="numpy")
 def _activations(z, exp_out, sigmoid_out, tanh_out):
     gemm.use_full_vector_width()  # vectorized as the time loops vectorize them
