@@ -6,11 +6,11 @@ Both versions of the ``kernels`` package are imported into one process (each
 from a copy in a temporary directory, so the first run of each compiles), and their
 ``cpu.forward`` (and, with ``--mode fwdbwd``, ``cpu.backward``) are called in
 turn on the same inputs at T=100, I=H, timed as ``python -m nblstm bench``
-times its peers. With ``--api`` the whole ``nblstm`` package is copied
-instead and its public ``forward`` (and ``backward``) are timed, as the
-benchmark calls them, so that changes to the Python layers count (:func:`nblstm.bench.compare`): the figure is the median over
+times its peers (:func:`nblstm.bench.compare`): the figure is the median over
 PAIRS pairs of samples of base time / new time, so above 1 means this checkout
-is faster. This is how
+is faster. With ``--api`` the whole ``nblstm`` package is copied instead, and
+its public ``forward`` (and ``backward``) are timed as the benchmark calls
+them, so that changes to the Python layers count too. This is how
 the "interleaved" figures in RESULTS.md are measured: two versions timed side
 by side drift together with the machine, where two separate runs on a shared
 machine differ by several percent. Run it with nothing else running, and

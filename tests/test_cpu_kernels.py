@@ -169,7 +169,7 @@ def test_compiled_allocations_are_aligned_and_whole(n_rows):
     (``madvise``); the advice must leave them whole and aligned."""
     like = np.zeros(1, np.float32)
     array = _filled_aligned(like, n_rows, 1024)
-    assert array.nbytes >= gemm.HUGE_PAGE_MIN_BYTES or n_rows == 3
+    assert (array.nbytes >= gemm.HUGE_PAGE_MIN_BYTES) == (n_rows > 3)
     assert array.ctypes.data % gemm.ALIGNMENT == 0 and array.flags.c_contiguous
     expected = np.arange(n_rows, dtype=np.float32)[:, None] - np.arange(1024, dtype=np.float32)
     np.testing.assert_array_equal(array, expected)
