@@ -612,11 +612,15 @@ _CAN_ADVISE_HUGE_PAGES = sys.platform.startswith("linux")
 
 @intrinsic
 def _madvise(typingctx, address, length, advice):
-    """``madvise(address, length, advice)`` from the C library; returns its int32 status."""
+    """``madvise(address, length, advice)`` from the C library; returns its int32
+    status. Where the C library has no ``madvise`` (not Linux), it is never
+    declared: the call is 0."""
     if not all(isinstance(arg, types.Integer) for arg in (address, length, advice)):
         return None
 
     def codegen(context, builder, signature, args):
+        if not _CAN_ADVISE_HUGE_PAGES:
+            return ir.Constant(ir.IntType(32), 0)
         byte_ptr = ir.IntType(8).as_pointer()
         function = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.IntType(32), [byte_ptr, ir.IntType(64),
