@@ -709,8 +709,10 @@ def _row_cuts(lengths, n_groups):
     the number of rows whose running sum is at most g / n_groups of the total.
     Plain loops: NumPy's cumsum and searchsorted cost seconds of compile time."""
     batch = lengths.shape[0]
-    weighted = lengths.sum() > 0
-    total = lengths.sum() if weighted else batch
+    total = lengths.sum()
+    weighted = total > 0
+    if not weighted:
+        total = batch
     cuts = np.empty(n_groups + 1, np.int64)
     cuts[0], cuts[n_groups] = 0, batch
     for group in range(1, n_groups):

@@ -499,9 +499,9 @@ def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_h
 
 
 @njit(inline="always")
-def _pack_rows(matrix, col_offset, n_cols, panels, k_lo, k_hi):
-    """Rows [k_lo, k_hi) of every one of :func:`pack_panels`'s panels, not transposed."""
-    for block in range(panels.shape[0]):
+def _pack_rows(matrix, col_offset, n_cols, panels, block_lo, block_hi, k_lo, k_hi):
+    """Rows [k_lo, k_hi) of :func:`pack_panels`'s panels [block_lo, block_hi), not transposed."""
+    for block in range(block_lo, block_hi):
         _pack_block(matrix, False, col_offset, n_cols, panels, block, k_lo, k_hi)
 
 
@@ -527,7 +527,7 @@ def pack_panels(matrix, transposed, col_offset, n_cols, panels):
     else:
         for chunk in prange((depth + PACK_ROWS - 1) // PACK_ROWS):
             k_lo = chunk * PACK_ROWS
-            _pack_rows(matrix, col_offset, n_cols, panels, k_lo,
+            _pack_rows(matrix, col_offset, n_cols, panels, 0, n_panels, k_lo,
                        min(k_lo + PACK_ROWS, depth))
 
 
@@ -561,9 +561,9 @@ def pack_gate_panels(weights, panels):
         d, rest = task // per_dir, task % per_dir
         run, rest = rest // (n_groups * n_chunks), rest % (n_groups * n_chunks)
         group, k_lo = rest // n_chunks, (rest % n_chunks) * PACK_ROWS
-        for block in range(run * PACK_RUN_PANELS, min((run + 1) * PACK_RUN_PANELS, n_panels)):
-            _pack_block(weights[d], False, group * group_width, group_width, panels[d, group],
-                        block, k_lo, min(k_lo + PACK_ROWS, depth))
+        _pack_rows(weights[d], group * group_width, group_width, panels[d, group],
+                   run * PACK_RUN_PANELS, min((run + 1) * PACK_RUN_PANELS, n_panels), k_lo,
+                   min(k_lo + PACK_ROWS, depth))
 
 
 #: Edge of the square blocks of :func:`transpose_into`: a block of the source
@@ -660,9 +660,10 @@ def _advise_huge_pages(address, n_bytes):
     4 KiB page costs a page fault on first touch; NumPy advises huge pages for
     its own large arrays, and compiled code did not. Measured on a 2-core
     machine: touching a fresh 210 MB array took 88 ms from compiled code and
-    28 ms from NumPy. A failed advice (huge pages off) changes nothing.
+    28 ms from NumPy. A failed advice (huge pages off) changes nothing, and
+    off Linux :func:`_madvise` is no call at all.
     """
-    if _CAN_ADVISE_HUGE_PAGES and n_bytes >= HUGE_PAGE_MIN_BYTES:
+    if n_bytes >= HUGE_PAGE_MIN_BYTES:
         first = (address + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES
         last = (address + n_bytes) // PAGE_BYTES * PAGE_BYTES
         _madvise(first, last - first, MADV_HUGEPAGE)

@@ -34,7 +34,8 @@ def assert_product_close(actual, expected, depth, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (6, 16, 16), (13, 300, 37),
-                                   (100, 257, 130), (200, 64, 1), (200, 1100, 70)])
+                                   (100, 257, 130), (100, 64, 600), (200, 64, 1),
+                                   (200, 1100, 70)])
 def test_matmul_matches_numpy(shape, dtype):
     rng = np.random.default_rng(sum(shape))
     a, b = product_case(rng, *shape, dtype)
@@ -152,6 +153,22 @@ def test_workspace_is_reused_and_released():
     assert larger.shape == (20, 20) and larger.ctypes.data % gemm.ALIGNMENT == 0
     assert clear_workspace() > 0 and clear_workspace() == 0
     assert gemm.WORKSPACE.empty("test", (20, 20), np.float64) is not larger
+
+
+@njit
+def _advise(array, offset, advice):
+    return gemm._madvise(array.ctypes.data + offset, array.nbytes - gemm.PAGE_BYTES, advice)
+
+
+@pytest.mark.skipif(not gemm._CAN_ADVISE_HUGE_PAGES, reason="madvise is Linux's")
+def test_madvise_reaches_the_c_library():
+    """The call passes its address, length and advice through: a page-aligned
+    range of a live array is accepted (MADV_NORMAL), an unaligned one refused."""
+    array = np.zeros(4 * gemm.PAGE_BYTES, np.uint8)
+    aligned = -array.ctypes.data % gemm.PAGE_BYTES
+    madv_normal = 0
+    assert _advise(array, aligned, madv_normal) == 0
+    assert _advise(array, aligned + 1, madv_normal) == -1
 
 
 @njit
