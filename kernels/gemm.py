@@ -294,6 +294,14 @@ def _emit_block(n_rows, context, builder, arg_types, args):
     itemsize = ir.Constant(i64, emit.itemsize)
     a_data, (a_row_stride, a_k_stride) = _array_parts(context, builder, a_type, a)
     panel_data, (panel_k_stride, _) = _array_parts(context, builder, panel_type, panel)
+    # Strides the layout fixes are constants, so that each load of the
+    # unrolled loop is one base register plus a displacement; as run-time
+    # values, 24 offsets of a 6-row block were kept on the stack and
+    # reloaded at every iteration.
+    if a_type.layout == "C":
+        a_k_stride = itemsize
+    if panel_type.layout == "C":
+        panel_k_stride = ir.Constant(i64, BLOCK_VECTORS * VECTOR_BYTES)
     out_data, (out_row_stride, _) = _array_parts(context, builder, out_type, out)
 
     def row_indices(array, array_type):

@@ -82,7 +82,10 @@ def test_packing_lays_b_out_in_zero_padded_panels(dtype, transposed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_product_tile_reads_and_writes_different_row_lists(dtype):
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_product_tile_reads_and_writes_different_row_lists(dtype, contiguous):
+    # Not contiguous: a and the panels are strided views (Numba layout "A"),
+    # whose strides the register block reads at run time, not as constants.
     rng = np.random.default_rng(4)
     width = gemm.block_columns(np.dtype(dtype))
     n_cols = 2 * width + 8
@@ -90,6 +93,9 @@ def test_product_tile_reads_and_writes_different_row_lists(dtype):
     out = np.zeros((20, n_cols + 10), dtype)
     a_rows, out_rows = np.array([7, 1, 3]), np.array([0, 19, 5])
     panels = packed(b)
+    if not contiguous:
+        a = np.repeat(a, 2, axis=1)[:, ::2]
+        panels = np.repeat(panels, 2, axis=1)[:, ::2]
 
     @njit
     def tile(a, a_rows, out_rows, panels, out):
