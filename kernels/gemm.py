@@ -294,7 +294,8 @@ def _emit_block(n_rows, context, builder, arg_types, args):
     itemsize = ir.Constant(i64, emit.itemsize)
     a_data, (a_row_stride, a_k_stride) = _array_parts(context, builder, a_type, a)
     panel_data, (panel_k_stride, _) = _array_parts(context, builder, panel_type, panel)
-    # Strides the layout fixes are constants, so that each load of the
+    # Strides the layout fixes are constants (a C-contiguous panel's rows are
+    # W = block_columns wide, as the contract says), so that each load of the
     # unrolled loop is one base register plus a displacement; as run-time
     # values, 24 offsets of a 6-row block were kept on the stack and
     # reloaded at every iteration.
