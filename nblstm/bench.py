@@ -351,11 +351,27 @@ class Row:
     speedup_vs_numpy: float
     speedup_vs_torch: float
     torch_ms: float
+    gemm_gflops: float
+
+
+def point_gemm_rate(point, backend="cpu"):
+    """The GEMM rate in GFLOP/s of ``point``'s dtype, measured now: the CPU's
+    (NumPy's BLAS) or, for ``"cuda"``, the GPU's."""
+    dtype = DTYPE_TAGS[point.dtype]
+    return gpu_gemm_rate(dtype) if backend == "cuda" else gemm_rate(dtype)
 
 
 def measure(point, backend="cpu", pairs=PAIRS, gemm=None, with_numpy=True):
     """Time one point against the NumPy reference and torch (when installed; on the
-    GPU for ``"cuda"``)."""
+    GPU for ``"cuda"``).
+
+    ``gemm``: the GEMM rate (GFLOP/s) that the row's percentage is read against;
+    None measures it right before the point (:func:`point_gemm_rate`). This
+    machine's rate moves by 15-20 % within a run (turbo, neighbours on the host):
+    one rate taken at the start of a run made the percentages of later points
+    swing with it.
+    """
+    rate = point_gemm_rate(point, backend) if gemm is None else gemm
     ours = nblstm_runner(point, backend)
     peer = torch_runner(point, device="cuda" if backend == "cuda" else "cpu")
     if peer is not None:
@@ -364,9 +380,8 @@ def measure(point, backend="cpu", pairs=PAIRS, gemm=None, with_numpy=True):
         ours_s, torch_s, vs_torch = median_time(ours, pairs), float("nan"), float("nan")
     vs_numpy = compare(ours, numpy_runner(point), pairs)[2] if with_numpy else float("nan")
     gflops = point.flops / ours_s / 1e9
-    rate = gemm or float("nan")
     return Row(point.name(backend), ours_s * 1e3, gflops, 100 * gflops / rate, vs_numpy,
-               vs_torch, torch_s * 1e3)
+               vs_torch, torch_s * 1e3, rate)
 
 
 def _progress(done, total, label):
@@ -379,11 +394,11 @@ def _progress(done, total, label):
 def format_table(rows):
     """The rows as a fixed-width text table."""
     lines = [f"{'point':<26} {'ms':>9} {'GFLOP/s':>8} {'%GEMM':>6} {'x numpy':>8} "
-             f"{'x torch':>8} {'torch ms':>9}"]
+             f"{'x torch':>8} {'torch ms':>9} {'GEMM GF/s':>9}"]
     for row in rows:
         lines.append(f"{row.point:<26} {row.ms:9.2f} {row.gflops:8.1f} {row.percent_of_gemm:6.1f}"
                      f" {row.speedup_vs_numpy:8.2f} {row.speedup_vs_torch:8.2f} "
-                     f"{row.torch_ms:9.2f}")
+                     f"{row.torch_ms:9.2f} {row.gemm_gflops:9.0f}")
     return "\n".join(lines)
 
 
@@ -477,8 +492,9 @@ def _describe(facts):
         lines.append(f"Device: {facts['device']}; one kernel launch: "
                      f"{facts['launch_us']:.1f} us")
     edge = GPU_GEMM_EDGE if "device" in facts else GEMM_EDGE
-    lines.append(f"GEMM rate at {edge}^3: " + ", ".join(
-        f"{tag} {rate:.0f} GFLOP/s" for tag, rate in facts["gemm_gflops"].items()))
+    lines.append(f"GEMM rate at {edge}^3 at the start: " + ", ".join(
+        f"{tag} {rate:.0f} GFLOP/s" for tag, rate in facts["gemm_gflops"].items())
+        + " (each row's %GEMM is read against the rate measured just before it, its last column)")
     if "read_gbps" in facts:
         lines.append("Read rate: " + ", ".join(f"{size} {rate:.0f} GB/s"
                                                for size, rate in facts["read_gbps"].items()))
@@ -505,8 +521,7 @@ def run(args):
     rows = []
     for done, point in enumerate(points):
         _progress(done, len(points), point.name(args.backend))
-        rows.append(measure(point, args.backend, args.pairs, facts["gemm_gflops"][point.dtype],
-                            with_numpy=args.numpy))
+        rows.append(measure(point, args.backend, args.pairs, with_numpy=args.numpy))
     _progress(len(points), len(points), "done")
     sys.stderr.write("\n")
     if args.json:

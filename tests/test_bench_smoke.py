@@ -23,6 +23,10 @@ def test_bench_command_reports_every_point(capsys):
                      for batch in (1, 2) for mode in ("fwd", "fwdbwd")]
     assert all(row["ms"] > 0 and row["speedup_vs_numpy"] > 0 for row in report["rows"])
     assert report["gemm_gflops"]["f32"] > 0
+    # Each row's share is read against the GEMM rate measured next to it.
+    for row in report["rows"]:
+        assert row["gemm_gflops"] > 0
+        assert row["percent_of_gemm"] == pytest.approx(100 * row["gflops"] / row["gemm_gflops"])
     assert list(report["read_gbps"]) == [f"{size}MiB" for size in bench.READ_SIZES_MIB]
     assert all(rate > 0 for rate in report["read_gbps"].values())
 
