@@ -273,6 +273,12 @@ def gpu_gemm_rate(dtype, edge=GPU_GEMM_EDGE):
     return 2 * edge ** 3 / seconds / 1e9
 
 
+def backend_gemm_rate(backend, dtype):
+    """The GEMM rate in GFLOP/s that ``backend``'s rows are read against, measured
+    now: the GPU's for ``"cuda"``, else the CPU's (NumPy's BLAS)."""
+    return gpu_gemm_rate(dtype) if backend == "cuda" else gemm_rate(dtype)
+
+
 #: Launches timed by :func:`kernel_launch_seconds`.
 LAUNCHES = 1000
 
@@ -354,24 +360,16 @@ class Row:
     gemm_gflops: float
 
 
-def point_gemm_rate(point, backend="cpu"):
-    """The GEMM rate in GFLOP/s of ``point``'s dtype, measured now: the CPU's
-    (NumPy's BLAS) or, for ``"cuda"``, the GPU's."""
-    dtype = DTYPE_TAGS[point.dtype]
-    return gpu_gemm_rate(dtype) if backend == "cuda" else gemm_rate(dtype)
-
-
-def measure(point, backend="cpu", pairs=PAIRS, gemm=None, with_numpy=True):
+def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True):
     """Time one point against the NumPy reference and torch (when installed; on the
     GPU for ``"cuda"``).
 
-    ``gemm``: the GEMM rate (GFLOP/s) that the row's percentage is read against;
-    None measures it right before the point (:func:`point_gemm_rate`). This
-    machine's rate moves by 15-20 % within a run (turbo, neighbours on the host):
-    one rate taken at the start of a run made the percentages of later points
-    swing with it.
+    The row's percentage is read against the GEMM rate measured right before
+    the point (:func:`backend_gemm_rate`): this machine's rate moves by 15-20 %
+    within a run (turbo, neighbours on the host), and one rate taken at the
+    start of a run made the percentages of later points swing with it.
     """
-    rate = point_gemm_rate(point, backend) if gemm is None else gemm
+    rate = backend_gemm_rate(backend, DTYPE_TAGS[point.dtype])
     ours = nblstm_runner(point, backend)
     peer = torch_runner(point, device="cuda" if backend == "cuda" else "cpu")
     if peer is not None:
@@ -479,11 +477,15 @@ def machine_facts(backend):
     if backend == "cuda":
         from ._availability import cuda_status
 
-        return {"device": str(cuda_status()),
-                "gemm_gflops": {tag: gpu_gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()},
+        return {"device": str(cuda_status()), "gemm_gflops": _gemm_rates(backend),
                 "launch_us": kernel_launch_seconds() * 1e6}
-    return {"gemm_gflops": {tag: gemm_rate(dtype) for tag, dtype in DTYPE_TAGS.items()},
+    return {"gemm_gflops": _gemm_rates(backend),
             "read_gbps": {f"{size}MiB": read_rate(size) for size in READ_SIZES_MIB}}
+
+
+def _gemm_rates(backend):
+    """dtype tag -> :func:`backend_gemm_rate`, measured now."""
+    return {tag: backend_gemm_rate(backend, dtype) for tag, dtype in DTYPE_TAGS.items()}
 
 
 def _describe(facts):
