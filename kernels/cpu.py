@@ -57,8 +57,11 @@ from .gemm import (
     copy_into,
     empty_panels,
     matmul,
+    matmul_packing,
     pack_gate_panels,
     pack_panels,
+    packing_scratch_shape,
+    packs_as_it_goes,
     panel_shape,
     product_tile,
     transpose_into,
@@ -430,9 +433,11 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, training):
     w_x_panels = empty_panels((n_dirs, 1) + panel_shape(w_x.shape[1:], x.dtype), x.dtype, "w_x")
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
                               x.dtype, "w_h")
+    n_workers = numba.get_num_threads()
+    w_x_chunks = empty_panels(packing_scratch_shape(n_workers, x.dtype), x.dtype, "w_x_chunks")
     y, h_n, c_n, gates, hidden_states, cell_states = _forward_driver(
         x, np.ascontiguousarray(w_x), np.ascontiguousarray(w_h), np.ascontiguousarray(b), h0, c0,
-        lengths, training, gates, w_x_panels, w_h_panels, numba.get_num_threads(),
+        lengths, training, (gates, w_x_panels, w_h_panels, w_x_chunks), n_workers,
         _team_budgets())
     return y, h_n, c_n, ((gates, hidden_states, cell_states) if training else None)
 
@@ -443,16 +448,17 @@ _NO_GATES = {np.dtype(t).num: np.empty((0, 0, 0, 0), t) for t in (np.float32, np
 
 
 @njit(cache=True)
-def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, gates_workspace, w_x_panels,
-                    w_h_panels, n_workers, budgets):
+def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, workspace, n_workers, budgets):
     """:func:`forward` after the workspace: everything else, compiled.
 
-    gates_workspace: (D, T, B, 4H) room for the gates of an inference pass;
-    w_x_panels, w_h_panels: workspace for the packed weights; n_workers:
-    Numba's thread count; budgets: :func:`_team_budgets`.
+    workspace: (room (D, T, B, 4H) for the gates of an inference pass, the
+    packed W_x, the packed W_h, the scratch of :func:`.gemm.matmul_packing`,
+    which the input projection uses instead of the packed W_x when it has few
+    rows); n_workers: Numba's thread count; budgets: :func:`_team_budgets`.
     Returns (y, h_n, c_n, gates, hidden_states, cell_states), the last two
     (D, 0, B, H) when not training.
     """
+    gates_workspace, w_x_panels, w_h_panels, w_x_chunks = workspace
     steps, batch, inputs = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
     y = aligned_like(x, (steps, batch, n_dirs * hidden))
@@ -475,9 +481,13 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, gates_workspace, 
     plan = _work_plan(n_dirs, lengths, hidden, x, steps, n_workers, budgets)
     flat_x = x.reshape(steps * batch, inputs)
     flat_gates = gates.reshape(n_dirs, steps * batch, N_GATES * hidden)
-    pack_gate_panels(w_x, w_x_panels)
-    for d in range(n_dirs):
-        matmul(flat_x, w_x_panels[d, 0], rows, flat_gates[d], _run_time(False), b[d])
+    if packs_as_it_goes(rows.shape[0], x.itemsize):
+        for d in range(n_dirs):
+            matmul_packing(flat_x, w_x[d], rows, flat_gates[d], b[d], w_x_chunks)
+    else:
+        pack_gate_panels(w_x, w_x_panels)
+        for d in range(n_dirs):
+            matmul(flat_x, w_x_panels[d, 0], rows, flat_gates[d], _run_time(False), b[d])
     pack_gate_panels(w_h, w_h_panels)
     forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *plan, y,
                  hidden_states, cell_states)
