@@ -809,12 +809,18 @@ def matmul(a, panels, rows, out, accumulate, bias):
     n_row_tiles = (n_rows + tile_rows - 1) // tile_rows
     n_col_tiles = (n_cols + tile_cols - 1) // tile_cols
     # prange hands each thread a contiguous run of tiles. Where b is the
-    # larger operand and a column strip of it fits the cache, the run goes
-    # down columns (row tiles vary fastest): each thread then reads only
-    # its columns' panels, once, instead of every panel. Measured (f32,
-    # 2 threads, interleaved forward calls): the projection's W_x at
-    # B=1 H=256/512 1.02-1.07x, H=512 B=8 1.03-1.07x, H=1024 B=8 1.10x.
-    rows_fastest = n_rows < n_cols and not tall
+    # larger operand, the run goes down columns (row tiles vary fastest):
+    # each thread then reads only its columns' panels instead of every
+    # panel. Measured (f32, 2 threads, interleaved forward calls): the
+    # projection's W_x at B=1 H=256/512 1.02-1.07x, H=512 B=8 1.03-1.07x,
+    # H=1024 B=8 1.10x. Also where a column strip of b over all of k is
+    # larger than the cache ("tall"), although the strip is then read again
+    # for each row tile: products alone, f64 I=H=1024, the projection at
+    # B=8/32 1.06-1.10x, dx at B=8 1.09x, the weight gradients 1.02-1.16x
+    # (f32 1.00-1.05x, but 0.91x at H=256 B=32); whole calls f64 forward
+    # H=1024 B=8/32 1.025/1.031x, fwd+bwd H=512 B=32 1.021x, H=1024 B=8
+    # 0.989x; f32 fwd+bwd 1.00-1.015x.
+    rows_fastest = n_rows < n_cols
     for tile in prange(n_row_tiles * n_col_tiles):
         if rows_fastest:
             row_lo = (tile % n_row_tiles) * tile_rows
