@@ -284,10 +284,10 @@ def _emit_register_block(context, builder, signature, args):
 def _emit_block(n_rows, context, builder, arg_types, args):
     """IR of one register block of ``n_rows`` rows (see :func:`register_block`)."""
     a_type, a_rows_type, out_rows_type, _, panel_type, _, _, _, _, _, out_type, _ = arg_types
-    a, a_rows_array, out_rows_array, first, panel, panel_first_k, k_lo, k_hi, col, n_cols, out, _ = [
-        context.cast(builder, value, value_type, types.int64)
-        if isinstance(value_type, types.Integer) else value
-        for value, value_type in zip(args, arg_types)]
+    (a, a_rows_array, out_rows_array, first, panel, panel_first_k, k_lo, k_hi, col, n_cols, out,
+     _) = [context.cast(builder, value, value_type, types.int64)
+           if isinstance(value_type, types.Integer) else value
+           for value, value_type in zip(args, arg_types)]
     accumulate = context.cast(builder, args[-1], arg_types[-1], types.boolean)
     emit = _Emitter(context, builder, a_type.dtype)
     i64 = emit.i64
