@@ -434,7 +434,7 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, training):
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
                               x.dtype, "w_h")
     n_workers = numba.get_num_threads()
-    w_x_chunks = empty_panels(packing_scratch_shape(n_workers, x.dtype), x.dtype, "w_x_chunks")
+    w_x_chunks = empty_panels(packing_scratch_shape(n_workers, x.dtype), x.dtype, "chunks")
     y, h_n, c_n, gates, hidden_states, cell_states = _forward_driver(
         x, np.ascontiguousarray(w_x), np.ascontiguousarray(w_h), np.ascontiguousarray(b), h0, c0,
         lengths, training, (gates, w_x_panels, w_h_panels, w_x_chunks), n_workers,
@@ -483,7 +483,8 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, workspace, n_work
     flat_gates = gates.reshape(n_dirs, steps * batch, N_GATES * hidden)
     if packs_as_it_goes(rows.shape[0], x.itemsize):
         for d in range(n_dirs):
-            matmul_packing(flat_x, w_x[d], rows, flat_gates[d], b[d], w_x_chunks)
+            matmul_packing(flat_x, w_x[d], _run_time(False), rows, flat_gates[d],
+                           _run_time(False), b[d], w_x_chunks)
     else:
         pack_gate_panels(w_x, w_x_panels)
         for d in range(n_dirs):
@@ -523,16 +524,17 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
     n_valid = int(lengths.sum())
     if dy is None:
         dy = np.empty((0, batch, n_dirs * hidden), dtype)
+    n_workers = numba.get_num_threads()
     workspace = (
         WORKSPACE.empty("d_gates", gates.shape, dtype),
         empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), dtype), dtype, "w_h_t"),
         empty_panels((n_dirs,) + panel_shape((four_hidden, inputs), dtype), dtype, "w_x_t"),
         empty_panels(panel_shape((n_valid, four_hidden), dtype), dtype, "dz"),
         WORKSPACE.empty("x_t", (inputs, n_valid), dtype),
-        WORKSPACE.empty("h_t", (hidden, n_valid), dtype))
+        WORKSPACE.empty("h_t", (hidden, n_valid), dtype),
+        empty_panels(packing_scratch_shape(n_workers, dtype), dtype, "chunks"))
     return _backward_driver(x, np.ascontiguousarray(w_x), w_h, gates, hidden_states, cell_states,
-                            lengths, dy, dh_n, dc_n, workspace, numba.get_num_threads(),
-                            _team_budgets())
+                            lengths, dy, dh_n, dc_n, workspace, n_workers, _team_budgets())
 
 
 @njit(cache=True)
@@ -541,10 +543,12 @@ def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy
     """:func:`backward` after the workspace: everything else, compiled.
 
     dy: (T, B, D*H), or (0, B, D*H) for none; workspace: (d_gates (D, T, B,
-    4H), W_h^T panels, W_x^T panels, d_gates panels, x^T (I, V), h^T (H, V)),
-    V the valid (time, row) pairs; n_workers, budgets: as in :func:`_forward_driver`.
+    4H), W_h^T panels, W_x^T panels, d_gates panels, x^T (I, V), h^T (H, V),
+    the scratch of :func:`.gemm.matmul_packing`, which dx uses instead of the
+    W_x^T panels when it has few rows), V the valid (time, row) pairs;
+    n_workers, budgets: as in :func:`_forward_driver`.
     """
-    d_gates, w_h_t_panels, w_x_t_panels, dz_panels, x_valid_t, h_valid_t = workspace
+    d_gates, w_h_t_panels, w_x_t_panels, dz_panels, x_valid_t, h_valid_t, chunks = workspace
     n_dirs, steps, batch, four_hidden = gates.shape
     inputs = x.shape[2]
     hidden = four_hidden // N_GATES
@@ -576,8 +580,12 @@ def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy
     # The weight gradients sum over the valid (time, row) pairs only.
     transpose_into(_valid_pairs(x.reshape(steps * batch, inputs), rows), x_valid_t)
     for d in range(n_dirs):
-        pack_panels(w_x[d], _run_time(True), _run_time(0), inputs, w_x_t_panels[d])
-        matmul(flat_d_gates[d], w_x_t_panels[d], rows, dx, d > 0, no_bias)
+        if packs_as_it_goes(rows.shape[0], x.itemsize):
+            matmul_packing(flat_d_gates[d], w_x[d], _run_time(True), rows, dx, d > 0, no_bias,
+                           chunks)
+        else:
+            pack_panels(w_x[d], _run_time(True), _run_time(0), inputs, w_x_t_panels[d])
+            matmul(flat_d_gates[d], w_x_t_panels[d], rows, dx, d > 0, no_bias)
         pack_panels(_valid_pairs(flat_d_gates[d], rows), _run_time(False), _run_time(0),
                     four_hidden, dz_panels)
         matmul(x_valid_t, dz_panels, input_rows, dw_x[d], _run_time(False), no_bias)

@@ -487,8 +487,9 @@ def copy_into(source, destination):
 
 
 @njit(inline="always")
-def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_hi):
-    """Rows [k_lo, k_hi) of panel ``block`` of :func:`pack_panels`'s panels."""
+def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_hi, first_k):
+    """Rows [k_lo, k_hi) of panel ``block`` of :func:`pack_panels`'s panels,
+    written from panel row ``k_lo - first_k`` on (0 packs them in place)."""
     width = panels.shape[2]
     col = col_offset + block * width
     n_valid = min(width, col_offset + n_cols - col)
@@ -500,14 +501,14 @@ def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_h
         j_squared = n_valid // edge * edge
         for k in range(k_lo, k_squared, edge):
             for j in range(0, j_squared, edge):
-                transpose_square(matrix, col + j, k, panel, k, j)
+                transpose_square(matrix, col + j, k, panel, k - first_k, j)
         for j in range(n_valid):
             k_first = k_squared if j < j_squared else k_lo
-            copy_into(matrix[col + j, k_first:k_hi], panel[k_first:k_hi, j])
+            copy_into(matrix[col + j, k_first:k_hi], panel[k_first - first_k:k_hi - first_k, j])
     else:
         for k in range(k_lo, k_hi):
-            copy_into(matrix[k, col:col + n_valid], panel[k])
-    for k in range(k_lo, k_hi):
+            copy_into(matrix[k, col:col + n_valid], panel[k - first_k])
+    for k in range(k_lo - first_k, k_hi - first_k):
         for j in range(n_valid, width):
             panel[k, j] = 0
 
@@ -516,7 +517,7 @@ def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_h
 def _pack_rows(matrix, col_offset, n_cols, panels, block_lo, block_hi, k_lo, k_hi):
     """Rows [k_lo, k_hi) of :func:`pack_panels`'s panels [block_lo, block_hi), not transposed."""
     for block in range(block_lo, block_hi):
-        _pack_block(matrix, False, col_offset, n_cols, panels, block, k_lo, k_hi)
+        _pack_block(matrix, False, col_offset, n_cols, panels, block, k_lo, k_hi, 0)
 
 
 @njit(parallel=True, cache=True)
@@ -537,7 +538,7 @@ def pack_panels(matrix, transposed, col_offset, n_cols, panels):
         for block in prange(n_panels):
             for k_lo in range(0, depth, PACK_ROWS):
                 _pack_block(matrix, True, col_offset, n_cols, panels, block, k_lo,
-                            min(k_lo + PACK_ROWS, depth))
+                            min(k_lo + PACK_ROWS, depth), 0)
     else:
         for chunk in prange((depth + PACK_ROWS - 1) // PACK_ROWS):
             k_lo = chunk * PACK_ROWS
@@ -864,12 +865,13 @@ def packing_scratch_shape(n_workers, dtype):
 
 
 @njit(parallel=True, cache=True)
-def matmul_packing(a, b, rows, out, bias, scratch):
-    """``out[r] = a[r] @ b (+ bias)`` for r in ``rows``, packing b as it goes.
+def matmul_packing(a, matrix, transposed, rows, out, accumulate, bias, scratch):
+    """``out[r] (+)= a[r] @ b (+ bias)`` for r in ``rows``, packing b as it goes.
 
-    a: (R, K); b: (K, N) C-contiguous, not packed; rows: (M,) int64; out:
-    (R, N), rows contiguous, other rows untouched; bias: (N,), or (0,) for
-    none; scratch: (workers, P, TILE_DEPTH, W), P * W >= TILE_COLS
+    a: (R, K); b: ``matrix`` (K, N), or its transpose when ``transposed``
+    (matrix then (N, K)), C-contiguous either way and not packed; rows: (M,)
+    int64; out: (R, N), rows contiguous, other rows untouched; bias: (N,), or
+    (0,) for none; scratch: (workers, P, TILE_DEPTH, W), P * W >= TILE_COLS
     (:func:`packing_scratch_shape`).
 
     Each worker takes a contiguous run of column tiles and, for each, packs
@@ -877,8 +879,8 @@ def matmul_packing(a, b, rows, out, bias, scratch):
     scratch, in its core's cache, and runs all the rows of a over them; b is
     read once, and never written packed to memory and read back, as packing
     it for :func:`matmul` does. For products of few rows (the input
-    projection at small batches, :func:`packs_as_it_goes`), whose time that
-    traffic dominates. Each element sums over k in the order :func:`matmul`
+    projection and dx at small batches, :func:`packs_as_it_goes`), whose
+    time that traffic dominates. Each element sums over k in the order :func:`matmul`
     uses, whatever the thread count.
     """
     n_rows, n_cols, depth = rows.shape[0], out.shape[1], a.shape[1]
@@ -893,10 +895,11 @@ def matmul_packing(a, b, rows, out, bias, scratch):
             n_panels = (col_hi - col_lo + width - 1) // width
             for k_lo in range(0, max(depth, 1), TILE_DEPTH):
                 k_hi = min(k_lo + TILE_DEPTH, depth)
-                _pack_rows(b[k_lo:k_hi], col_lo, col_hi - col_lo, panels, 0, n_panels, 0,
-                           k_hi - k_lo)
+                for block in range(n_panels):
+                    _pack_block(matrix, transposed, col_lo, col_hi - col_lo, panels, block, k_lo,
+                                k_hi, k_lo)
                 product_tile(a, rows, rows, 0, n_rows, panels, k_lo, k_hi, 0, col_hi - col_lo,
-                             out, col_lo, k_lo > 0, k_lo)
+                             out, col_lo, accumulate or k_lo > 0, k_lo)
             if bias.shape[0] > 0:
                 tile_bias = bias[col_lo:col_hi]
                 for n in range(n_rows):

@@ -69,21 +69,24 @@ def test_matmul_touches_only_listed_rows_and_reads_a_transposed_panel(dtype):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (13, 300, 37), (100, 600, 1030),
                                    (24, 257, 2 * gemm.TILE_COLS + 8)])
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
-def test_packing_product_equals_the_product_of_packed_b(shape, dtype, n_workers):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_packing_product_equals_the_product_of_packed_b(shape, dtype, n_workers, transposed):
     # Each element sums over k in matmul's order, whatever the column tiles
     # (which follow the worker count): equal to the last bit.
     rng = np.random.default_rng(sum(shape) + n_workers)
     a, b = product_case(rng, *shape, dtype)
+    matrix = np.ascontiguousarray(b.T) if transposed else b
     bias = rng.standard_normal(shape[2]).astype(dtype)
     rows = np.arange(shape[0])[::-2].copy()
-    for tile_bias in (bias, np.empty(0, dtype)):
-        expected = rng.standard_normal((shape[0], shape[2])).astype(dtype)
-        out = expected.copy()
-        gemm.matmul(a, packed(b), rows, expected, False, tile_bias)
+    start = rng.standard_normal((shape[0], shape[2])).astype(dtype)
+    for accumulate, tile_bias in ((False, bias), (True, np.empty(0, dtype))):
+        expected, out = start.copy(), start.copy()
+        gemm.matmul(a, packed(matrix, transposed), rows, expected, accumulate, tile_bias)
         scratch = np.full(gemm.packing_scratch_shape(n_workers, dtype), np.nan, dtype)
-        gemm.matmul_packing(a, b, rows, out, tile_bias, scratch)
+        gemm.matmul_packing(a, matrix, transposed, rows, out, accumulate, tile_bias, scratch)
         np.testing.assert_array_equal(out, expected)
-    assert_product_close(out[rows], a[rows].astype(np.float64) @ b, shape[1], dtype)
+    product = a[rows].astype(np.float64) @ b
+    assert_product_close(out[rows], start[rows] + product, shape[1], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
