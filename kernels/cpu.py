@@ -434,10 +434,10 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, training):
     w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
                               x.dtype, "w_h")
     n_workers = numba.get_num_threads()
-    w_x_chunks = empty_panels(packing_scratch_shape(n_workers, x.dtype), x.dtype, "chunks")
+    chunks = empty_panels(packing_scratch_shape(n_workers, x.dtype), x.dtype, "chunks")
     y, h_n, c_n, gates, hidden_states, cell_states = _forward_driver(
         x, np.ascontiguousarray(w_x), np.ascontiguousarray(w_h), np.ascontiguousarray(b), h0, c0,
-        lengths, training, (gates, w_x_panels, w_h_panels, w_x_chunks), n_workers,
+        lengths, training, (gates, w_x_panels, w_h_panels, chunks), n_workers,
         _team_budgets())
     return y, h_n, c_n, ((gates, hidden_states, cell_states) if training else None)
 
@@ -458,7 +458,7 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, workspace, n_work
     Returns (y, h_n, c_n, gates, hidden_states, cell_states), the last two
     (D, 0, B, H) when not training.
     """
-    gates_workspace, w_x_panels, w_h_panels, w_x_chunks = workspace
+    gates_workspace, w_x_panels, w_h_panels, chunks = workspace
     steps, batch, inputs = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
     y = aligned_like(x, (steps, batch, n_dirs * hidden))
@@ -484,7 +484,7 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, workspace, n_work
     if packs_as_it_goes(rows.shape[0], x.itemsize):
         for d in range(n_dirs):
             matmul_packing(flat_x, w_x[d], _run_time(False), rows, flat_gates[d],
-                           _run_time(False), b[d], w_x_chunks)
+                           _run_time(False), b[d], chunks)
     else:
         pack_gate_panels(w_x, w_x_panels)
         for d in range(n_dirs):

@@ -487,9 +487,10 @@ def copy_into(source, destination):
 
 
 @njit(inline="always")
-def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_hi, first_k):
+def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_hi,
+                panel_first_k):
     """Rows [k_lo, k_hi) of panel ``block`` of :func:`pack_panels`'s panels,
-    written from panel row ``k_lo - first_k`` on (0 packs them in place)."""
+    written from panel row ``k_lo - panel_first_k`` on (0 packs them in place)."""
     width = panels.shape[2]
     col = col_offset + block * width
     n_valid = min(width, col_offset + n_cols - col)
@@ -501,14 +502,15 @@ def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_h
         j_squared = n_valid // edge * edge
         for k in range(k_lo, k_squared, edge):
             for j in range(0, j_squared, edge):
-                transpose_square(matrix, col + j, k, panel, k - first_k, j)
+                transpose_square(matrix, col + j, k, panel, k - panel_first_k, j)
         for j in range(n_valid):
             k_first = k_squared if j < j_squared else k_lo
-            copy_into(matrix[col + j, k_first:k_hi], panel[k_first - first_k:k_hi - first_k, j])
+            copy_into(matrix[col + j, k_first:k_hi],
+                      panel[k_first - panel_first_k:k_hi - panel_first_k, j])
     else:
         for k in range(k_lo, k_hi):
-            copy_into(matrix[k, col:col + n_valid], panel[k - first_k])
-    for k in range(k_lo - first_k, k_hi - first_k):
+            copy_into(matrix[k, col:col + n_valid], panel[k - panel_first_k])
+    for k in range(k_lo - panel_first_k, k_hi - panel_first_k):
         for j in range(n_valid, width):
             panel[k, j] = 0
 
