@@ -64,6 +64,7 @@ from .gemm import (
     packs_as_it_goes,
     panel_shape,
     product_tile,
+    row_address,
     transpose_into,
     use_full_vector_width,
 )
@@ -249,11 +250,25 @@ def _claim_in_order(claims, step, member, team_size, n_tiles, offset):
 @njit(inline="always")
 def _team_of(worker, n_workers, team_rows, team_bounds):
     """(member index, team size, first direction, direction count, owned rows,
-    team index) of ``worker``'s team: workers [t * size, (t + 1) * size) form team t."""
+    team index, whether the members' W_h streams from memory) of ``worker``'s
+    team: workers [t * size, (t + 1) * size) form team t."""
     team_size = n_workers // team_bounds.shape[0]
     team = worker // team_size
     d_lo, d_hi, n_owned = team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2]
-    return worker % team_size, team_size, d_lo, d_hi - d_lo, team_rows[team, :n_owned], team
+    return (worker % team_size, team_size, d_lo, d_hi - d_lo, team_rows[team, :n_owned], team,
+            team_bounds[team, 3] != 0)
+
+
+@njit(inline="always")
+def _next_gate_panel(w_h_panels, gate, unit_lo):
+    """Byte address of the panel of W_h that a forward tile starting at unit
+    ``unit_lo`` reads after its last one of ``gate``: the next gate's first;
+    0 after the last gate (the next tile is whichever one is claimed).
+    w_h_panels: (4, ceil(H / W), H, W) one direction's."""
+    if gate + 1 == N_GATES:
+        return 0
+    panels = w_h_panels[gate + 1]
+    return row_address(panels[unit_lo // panels.shape[2]], 0)
 
 
 @njit(inline="always")
@@ -277,7 +292,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
     h_ring, c_ring:(D, 2, B, H) slot 0 holds h0/c0 on entry; row b's final state
                    is in slot ``lengths[b] % 2`` on exit
     lengths:       (B,) int64, 0 <= lengths[b] <= T
-    team_rows, team_bounds: (teams, B), (teams, 3) int64 from :func:`_teams`
+    team_rows, team_bounds: (teams, B), (teams, 4) int64 from :func:`_teams`
     row_lists:     (workers, 1 + 2D, B) int64 scratch (:func:`_worker_rows`)
     claims, done:  (teams, ...) int64 claim and step counters (:func:`.sync.counters`)
     scratch:       (workers, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_work_plan`
@@ -300,7 +315,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
         # Numba compiles a prange body as a function of its own: the hint
         # goes here, in the function that holds the cell loops.
         use_full_vector_width()
-        member, team_size, d_lo, team_dirs, owned, team = _team_of(
+        member, team_size, d_lo, team_dirs, owned, team, streams = _team_of(
             worker, n_workers, team_rows, team_bounds)
         rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
@@ -320,7 +335,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                 for gate in range(N_GATES):
                     product_tile(h_prev, rows_running, rows_gate[d], row_lo, row_hi,
                                  w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
-                                 gate * hidden, True)
+                                 gate * hidden, True, 0, streams,
+                                 _next_gate_panel(w_h_panels[d], gate, unit_lo))
                 n_units = unit_hi - unit_lo
                 for n in range(row_lo, row_hi):
                     r, gate_row = rows_running[n], rows_gate[d, n]
@@ -370,7 +386,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
     n_workers = row_lists.shape[0]
     for worker in prange(n_workers):
         use_full_vector_width()
-        member, team_size, d_lo, team_dirs, owned, team = _team_of(
+        member, team_size, d_lo, team_dirs, owned, team, streams = _team_of(
             worker, n_workers, team_rows, team_bounds)
         rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
@@ -391,7 +407,8 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                 if step + 1 < steps:
                     product_tile(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
                                  rows_running, row_lo, row_hi, w_h_t_panels[d], 0, four_hidden,
-                                 unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False)
+                                 unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False,
+                                 0, streams)
                 if step >= 0:
                     n_units = unit_hi - unit_lo
                     dh = _segment(row_scratch, _DH, n_units)
@@ -685,7 +702,7 @@ def _rows_split_pays(rows_per_worker, weight_bytes, budgets):
 @njit(cache=True)
 def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     """How the workers split a time loop's work: (team_rows (teams, B),
-    team_bounds (teams, 3)) int64, for a dtype of ``itemsize`` bytes and the
+    team_bounds (teams, 4)) int64, for a dtype of ``itemsize`` bytes and the
     thresholds ``budgets`` (:func:`_team_budgets`).
 
     Team t runs directions [team_bounds[t, 0], team_bounds[t, 1]) for the
@@ -695,6 +712,10 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     the workers divide evenly among them; within a direction, one worker per
     group of rows when each worker gets enough rows for the size of W_h
     (:func:`_rows_split_pays`), else one team of all the direction's workers.
+    team_bounds[t, 3] is 1 where each member's share of the team's W_h is
+    larger than the budget of W_h kept in a core's L2 (``budgets[1]``), so
+    that it comes from memory every step and the time loops prefetch it
+    (:func:`.gemm.product_tile`), else 0.
     """
     batch = lengths.shape[0]
     if n_workers % n_dirs:
@@ -706,7 +727,8 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     cuts = _row_cuts(lengths, workers_per_direction if split else 1)
     n_groups = cuts.shape[0] - 1
     team_rows = np.zeros((n_direction_teams * n_groups, batch), np.int64)
-    team_bounds = np.zeros((n_direction_teams * n_groups, 3), np.int64)
+    team_bounds = np.zeros((n_direction_teams * n_groups, 4), np.int64)
+    workers_per_team = n_workers // team_bounds.shape[0]
     for direction_team in range(n_direction_teams):
         d_lo = direction_team if n_direction_teams == n_dirs else 0
         d_hi = d_lo + 1 if n_direction_teams == n_dirs else n_dirs
@@ -716,6 +738,8 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
             for n in range(n_rows):
                 team_rows[team, n] = cuts[group] + n
             team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2] = d_lo, d_hi, n_rows
+            share_bytes = (d_hi - d_lo) * weight_bytes // workers_per_team
+            team_bounds[team, 3] = share_bytes > budgets[1]
     return team_rows, team_bounds
 
 

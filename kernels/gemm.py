@@ -37,6 +37,17 @@ K_UNROLL = 4
 #: Independent accumulator chains that keep the FMA pipelines busy; blocks
 #: with fewer accumulators than this split ``k`` into interleaved partial sums.
 MIN_CHAINS = 8
+#: Cache lines of the following panel that a block short of BLOCK_ROWS rows
+#: prefetches per value of k, when asked to (:func:`product_tile`): a quarter
+#: of a panel over the block's k loop (a panel row is BLOCK_VECTORS = 4
+#: lines). Measured on a 2-core AVX-512 machine, forward time loops alone at
+#: B=8 (a 6-row and a 2-row block), against no prefetch: 1 line f64 H=1024
+#: 1.040-1.052x in four runs, f32 H=1024 1.03x; 2 lines f64 H=1024 1.04x;
+#: 4 lines 0.92x.
+PREFETCH_LINES_PER_K = 1
+CACHE_LINE_BYTES = 64
+#: ``llvm.prefetch`` locality 2: into L2 and the caches below it (``prefetcht1``).
+PREFETCH_LOCALITY = 2
 
 
 def _host_vector_bytes():
@@ -136,6 +147,16 @@ class _Emitter:
         raw = self.builder.gep(self.builder.bitcast(base, self.byte_ptr), [byte_offset])
         return self.builder.bitcast(raw, pointee.as_pointer())
 
+    def prefetch(self, pointer):
+        """Hint that the cache line at ``pointer`` will be read soon (:data:`PREFETCH_LOCALITY`)."""
+        function = cgutils.get_or_insert_function(
+            self.builder.module,
+            ir.FunctionType(ir.VoidType(), [self.byte_ptr, self.i32, self.i32, self.i32]),
+            "llvm.prefetch.p0")
+        read, data_cache = ir.Constant(self.i32, 0), ir.Constant(self.i32, 1)
+        self.builder.call(function, [self.builder.bitcast(pointer, self.byte_ptr), read,
+                                     ir.Constant(self.i32, PREFETCH_LOCALITY), data_cache])
+
     def splat(self, scalar):
         """A vector with ``scalar`` in every lane."""
         undef = ir.Constant(self.vector, ir.Undefined)
@@ -176,11 +197,14 @@ def _array_parts(context, builder, array_type, value):
     return array.data, cgutils.unpack_tuple(builder, array.strides, array_type.ndim)
 
 
-def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, masks, n_sets):
+def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, masks, n_sets,
+                 prefetch_start=None):
     """The loop over k; returns the accumulators, [row][vector].
 
     a_rows: pointers to ``a[r, 0]`` of each row; b_start: pointer to the
     panel's first row (row k at ``b_start + k * b_k_stride`` bytes).
+    prefetch_start: None, or a byte pointer from which the loop prefetches
+    PREFETCH_LINES_PER_K cache lines per value of k, in order.
     ``n_sets`` interleaved sets of accumulators take k, k+1, ... in turn
     (set s every k = k_lo + s mod n_sets, in increasing k) and are added in
     set order at the end, so blocks of few rows still have enough independent
@@ -191,9 +215,16 @@ def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, mask
     builder = emit.builder
     n_vectors = len(masks)
     vector_bytes = emit.lanes * emit.itemsize
+    prefetch_bytes = ir.Constant(emit.i64, PREFETCH_LINES_PER_K * CACHE_LINE_BYTES)
 
     def update(accumulators, k_index):
         b_row = emit.offset(b_start, builder.mul(k_index, b_k_stride), emit.element)
+        if prefetch_start is not None:
+            lines = emit.offset(prefetch_start, builder.mul(builder.sub(k_index, k_lo),
+                                                            prefetch_bytes), ir.IntType(8))
+            for line in range(PREFETCH_LINES_PER_K):
+                emit.prefetch(emit.offset(lines, ir.Constant(emit.i64, line * CACHE_LINE_BYTES),
+                                          ir.IntType(8)))
         b_vectors = [emit.load_vector(emit.offset(b_row, ir.Constant(emit.i64, v * vector_bytes),
                                                   emit.vector), masks[v])
                      for v in range(n_vectors)]
@@ -283,12 +314,12 @@ def _emit_register_block(context, builder, signature, args):
 
 def _emit_block(n_rows, context, builder, arg_types, args):
     """IR of one register block of ``n_rows`` rows (see :func:`register_block`)."""
-    a_type, a_rows_type, out_rows_type, _, panel_type, _, _, _, _, _, out_type, _ = arg_types
+    a_type, a_rows_type, out_rows_type, _, panel_type, _, _, _, _, _, out_type, _, _ = arg_types
     (a, a_rows_array, out_rows_array, first, panel, panel_first_k, k_lo, k_hi, col, n_cols, out,
-     _) = [context.cast(builder, value, value_type, types.int64)
-           if isinstance(value_type, types.Integer) else value
-           for value, value_type in zip(args, arg_types)]
-    accumulate = context.cast(builder, args[-1], arg_types[-1], types.boolean)
+     _, prefetch_address) = [context.cast(builder, value, value_type, types.int64)
+                             if isinstance(value_type, types.Integer) else value
+                             for value, value_type in zip(args, arg_types)]
+    accumulate = context.cast(builder, args[-2], arg_types[-2], types.boolean)
     emit = _Emitter(context, builder, a_type.dtype)
     i64 = emit.i64
     itemsize = ir.Constant(i64, emit.itemsize)
@@ -321,18 +352,28 @@ def _emit_block(n_rows, context, builder, arg_types, args):
     out_rows = [emit.offset(out_data, builder.add(builder.mul(row, out_row_stride), col_bytes),
                             emit.element) for row in row_indices(out_rows_array, out_rows_type)]
     n_sets = max(1, MIN_CHAINS // (n_rows * BLOCK_VECTORS))
+    prefetching = builder.icmp_signed("!=", prefetch_address, ir.Constant(i64, 0))
+    prefetch_pointer = builder.inttoptr(prefetch_address, emit.byte_ptr)
 
-    def block(masks):
+    def block(masks, prefetch_start=None):
         sums = _emit_k_loop(emit, a_rows, a_k_stride, b_start, panel_k_stride, k_lo, k_hi,
-                            masks, n_sets)
+                            masks, n_sets, prefetch_start)
         _emit_store(emit, sums, out_rows, masks, accumulate)
 
     # Full blocks load and store whole vectors; the last block of a row may be
-    # narrower and masks its lanes.
+    # narrower and masks its lanes. Full-width blocks short of BLOCK_ROWS rows
+    # have a second loop that prefetches, run when given an address.
     full = builder.icmp_signed("==", n_cols, ir.Constant(i64, BLOCK_VECTORS * emit.lanes))
     with builder.if_else(full) as (full_block, partial_block):
         with full_block:
-            block([None] * BLOCK_VECTORS)
+            if n_rows < BLOCK_ROWS:
+                with builder.if_else(prefetching) as (prefetching_block, plain_block):
+                    with prefetching_block:
+                        block([None] * BLOCK_VECTORS, prefetch_pointer)
+                    with plain_block:
+                        block([None] * BLOCK_VECTORS)
+            else:
+                block([None] * BLOCK_VECTORS)
         with partial_block:
             block([emit.lane_mask(n_cols, v * emit.lanes) for v in range(BLOCK_VECTORS)])
 
@@ -359,16 +400,18 @@ def _emit_store(emit, sums, out_rows, masks, accumulate):
 
 @intrinsic
 def register_block(typingctx, count, a, a_rows, out_rows, first, panel, panel_first_k, k_lo, k_hi,
-                   col, n_cols, out, accumulate):
+                   col, n_cols, out, accumulate, prefetch_address):
     """One register block of ``count`` (1..BLOCK_ROWS) rows.
 
     ``register_block(count, a, a_rows, out_rows, first, panel, panel_first_k, k_lo, k_hi, col,
-    n_cols, out, accumulate)``: for each n in ``[first, first + count)`` and j < n_cols, with
-    ``r, s = a_rows[n], out_rows[n]`` and ``p = panel_first_k``:
+    n_cols, out, accumulate, prefetch_address)``: for each n in ``[first, first + count)`` and
+    j < n_cols, with ``r, s = a_rows[n], out_rows[n]`` and ``p = panel_first_k``:
     ``out[s, col + j] (+)= sum(a[r, k] * panel[k - p, j] for k in range(k_lo, k_hi))``.
     a: (R, K) float; a_rows, out_rows: (M,) int; panel: (K', W) float, its row
     k - p holding row k of b for k in [k_lo, k_hi), W = block_columns; out:
-    (S, N) float; n_cols <= W.
+    (S, N) float; n_cols <= W. prefetch_address: 0, or the byte address from
+    which a block of fewer than BLOCK_ROWS rows and W columns prefetches
+    PREFETCH_LINES_PER_K cache lines per value of k (other blocks ignore it).
     """
     arrays = (a, panel, out)
     if not all(isinstance(array, types.Array) and array.ndim == 2
@@ -379,7 +422,7 @@ def register_block(typingctx, count, a, a_rows, out_rows, first, panel, panel_fi
                 rows.dtype, types.Integer) for rows in (a_rows, out_rows)):
         return None
     signature = types.void(count, a, a_rows, out_rows, first, panel, panel_first_k, k_lo, k_hi,
-                           col, n_cols, out, accumulate)
+                           col, n_cols, out, accumulate, prefetch_address)
     return signature, _emit_register_block
 
 
@@ -444,7 +487,7 @@ def transpose_square(typingctx, matrix, row, col, out, out_row, out_col):
 
 @njit(inline="always")
 def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out,
-                 out_col, accumulate, panels_first_k=0):
+                 out_col, accumulate, panels_first_k=0, prefetch=False, following=0):
     """``out[s, out_col + j] (+)= a[r, k_lo:k_hi] @ b[k_lo:k_hi, j]`` for j in [col_lo, col_hi).
 
     For ``(r, s)`` in ``zip(a_rows, out_rows)[row_lo:row_hi]``. a: (R, K);
@@ -452,14 +495,35 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
     b (K, N) as packed by :func:`pack_panels`, or rows [panels_first_k,
     panels_first_k + K') of it; out: (S, N'), rows contiguous. col_lo must be
     a multiple of W.
+
+    prefetch: the panels come from memory (they do not stay in cache). More
+    rows than a block then run a panel as full blocks that stream it in and
+    a last, shorter block that reads it again from L2, at few FMAs per load,
+    while memory would sit idle; that block prefetches the start of the
+    panel read next instead (:data:`PREFETCH_LINES_PER_K`): the next panel
+    here, after the last one ``following``, the byte address of the caller's
+    next panel (row k_lo), or 0 for none.
     """
     width = panels.shape[2]
     for col in range(col_lo, col_hi, width):
         n_cols = min(width, col_hi - col)
         panel = panels[col // width]
+        prefetch_address = 0
+        if prefetch and row_hi - row_lo > BLOCK_ROWS:
+            if col + width < col_hi:
+                prefetch_address = row_address(panels[col // width + 1], k_lo - panels_first_k)
+            else:
+                prefetch_address = following
         for first in range(row_lo, row_hi, BLOCK_ROWS):
             register_block(min(BLOCK_ROWS, row_hi - first), a, a_rows, out_rows, first, panel,
-                           panels_first_k, k_lo, k_hi, out_col + col, n_cols, out, accumulate)
+                           panels_first_k, k_lo, k_hi, out_col + col, n_cols, out, accumulate,
+                           prefetch_address)
+
+
+@njit(inline="always")
+def row_address(matrix, row):
+    """Byte address of ``matrix[row, 0]``, as an int64."""
+    return np.int64(matrix.ctypes.data) + row * matrix.strides[0]
 
 
 def panel_shape(b_shape, dtype):

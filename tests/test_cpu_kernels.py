@@ -134,6 +134,31 @@ def test_product_tile_reads_and_writes_different_row_lists(dtype, contiguous):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_rows", [gemm.BLOCK_ROWS + 1, 2 * gemm.BLOCK_ROWS - 1])
+def test_product_tile_prefetching_changes_no_value(dtype, n_rows):
+    """Prefetching the next panel (the blocks short of BLOCK_ROWS rows, over
+    several panels, the last a ragged one) sums exactly as without it."""
+    rng = np.random.default_rng(n_rows)
+    width = gemm.block_columns(np.dtype(dtype))
+    n_cols = 2 * width + 5
+    a, b = product_case(rng, n_rows, 33, n_cols, dtype)
+    panels = packed(b)
+    following = packed(np.ascontiguousarray(b[:, :width]))[0]
+    rows = np.arange(n_rows)
+
+    @njit
+    def tile(prefetch, following, out):
+        gemm.product_tile(a, rows, rows, 0, n_rows, panels, 0, 33, 0, n_cols, out, 0, False, 0,
+                          prefetch, np.int64(following.ctypes.data))
+
+    plain, prefetching = (np.full((n_rows, n_cols), np.nan, dtype) for _ in range(2))
+    tile(False, following, plain)
+    tile(True, following, prefetching)
+    np.testing.assert_array_equal(prefetching, plain)
+    assert_product_close(prefetching, a.astype(np.float64) @ b, 33, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_groups", [1, 4])
 def test_gate_packing_packs_each_group_of_columns_of_each_direction(dtype, n_groups):
     # W_h packs gate by gate (4 groups of H columns), W_x whole (1 group of 4H).

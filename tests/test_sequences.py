@@ -224,7 +224,8 @@ def test_layer_rejects_bad_arguments():
 
 def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers
-    (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3)."""
+    (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3), and
+    which teams' members read a share of W_h too large for L2 (column 3)."""
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 20)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 2 ** 22)
     f32_bytes = np.dtype(np.float32).itemsize
@@ -234,25 +235,28 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
 
     full = np.full(32, 7)
     rows, bounds = teams(1, full, 128, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 16], [0, 1, 16]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 16, 0], [0, 1, 16, 0]])
     np.testing.assert_array_equal(rows[1, :16], np.arange(16, 32))
     # A W_h of 4 MiB splits only with 64 rows a worker.
     _, bounds = teams(1, np.full(128, 7), 512, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 64], [0, 1, 64]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 64, 1], [0, 1, 64, 1]])
     # Too few rows a worker for the size of W_h, or W_h past every budget:
-    # one team shares each step.
-    for hidden, batch in ((512, 126), (1024, 1000), (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1)):
+    # one team shares each step, each member reading half of W_h.
+    for hidden, batch, streams in ((512, 126, 1), (1024, 1000, 1), (256, 6, 0),
+                                   (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1, 0)):
         _, bounds = teams(1, np.full(batch, 7), hidden, 2)
-        np.testing.assert_array_equal(bounds, [[0, 1, batch]])
+        np.testing.assert_array_equal(bounds, [[0, 1, batch, streams]])
     # Rows split where the steps they run balance, not where their count does.
     lengths = np.array([1] * 12 + [10] * 4)
     _, bounds = teams(1, lengths, 64, 2)
     assert bounds[0, 2] > bounds[1, 2] and bounds[:, 2].sum() == 16
     # Two directions, two workers: a direction each, whatever the sizes.
     _, bounds = teams(2, np.full(3, 7), 1024, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 3], [1, 2, 3]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 3, 1], [1, 2, 3, 1]])
     _, bounds = teams(2, np.full(3, 7), 1024, 3)
-    np.testing.assert_array_equal(bounds, [[0, 2, 3]])
+    np.testing.assert_array_equal(bounds, [[0, 2, 3, 1]])
+    _, bounds = teams(2, np.full(3, 7), 256, 2)
+    np.testing.assert_array_equal(bounds, [[0, 1, 3, 0], [1, 2, 3, 0]])
 
 
 @njit
