@@ -7,7 +7,7 @@ from numba import njit
 
 import nblstm
 from helpers import TOLERANCE, as_float64, compiled_backends, random_problem, relative_error
-from nblstm.kernels import cpu
+from nblstm.kernels import cpu, gemm
 
 DTYPES = [np.float32, np.float64]
 
@@ -257,6 +257,51 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     np.testing.assert_array_equal(bounds, [[0, 2, 3, 1]])
     _, bounds = teams(2, np.full(3, 7), 256, 2)
     np.testing.assert_array_equal(bounds, [[0, 1, 3, 0], [1, 2, 3, 0]])
+
+
+@njit
+def _tile_units(hidden, itemsize, budgets):
+    return cpu._tile_units(hidden, itemsize, budgets)
+
+
+def test_tiles_take_fewer_units_where_their_slice_of_w_h_is_large(monkeypatch):
+    """With a 512 KiB tile budget (2 MiB L2): whole panels of W units, at most
+    UNITS_PER_TILE, fewer where 4 * H * units * itemsize would pass the budget."""
+    monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 2 ** 19)
+    budgets = cpu._team_budgets()
+    for hidden in (64, 256, 512, 1024, 4096):
+        for dtype in DTYPES:
+            itemsize = np.dtype(dtype).itemsize
+            width = gemm.block_columns(np.dtype(dtype))
+            fitting = [units for units in range(width, cpu.UNITS_PER_TILE + 1, width)
+                       if 4 * hidden * units * itemsize <= 2 ** 19]
+            expected = max(fitting) if fitting else width
+            assert _tile_units(hidden, itemsize, budgets) == expected, (hidden, dtype)
+    # f64 H=256 takes whole tiles; f64 H=1024 (2 MiB at 64 units) fewer.
+    assert _tile_units(256, 8, budgets) == cpu.UNITS_PER_TILE
+    assert _tile_units(1024, 8, budgets) < cpu.UNITS_PER_TILE
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiles_of_one_panel_match_the_reference(backend, dtype, monkeypatch):
+    """The time loops with the fewest units a tile can take (one panel of W),
+    over a hidden size of several such tiles, the last one ragged."""
+    monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 1)
+    width = gemm.block_columns(np.dtype(dtype))
+    hidden = 2 * width + 5
+    rng = np.random.default_rng(29)
+    steps, batch = 4, 9
+    lstm, reference = twin_layers(backend, dtype, input_size=7, hidden_size=hidden,
+                                  bidirectional=True)
+    x = rng.standard_normal((steps, batch, 7)).astype(dtype)
+    dy = rng.standard_normal((steps, batch, 2 * hidden)).astype(dtype)
+    lengths = rng.integers(1, steps + 1, batch)
+    actual = run_layer(lstm, x, lengths, None, dy, None)
+    expected = run_layer(reference, x.astype(np.float64), lengths, None, dy.astype(np.float64),
+                         None)
+    for name, value in expected.items():
+        error = relative_error(actual[name], value)
+        assert error <= TOLERANCE[np.dtype(dtype)], f"{name}: {error:.2e}"
 
 
 @njit
