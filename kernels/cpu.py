@@ -49,8 +49,6 @@ from numba import njit, prange, types
 from .cell import N_GATES, cell_backward, cell_state, gate_activations, step_time
 from .gemm import (
     BLOCK_ROWS,
-    BLOCK_VECTORS,
-    VECTOR_BYTES,
     WORKSPACE,
     add_into,
     aligned_like,
@@ -65,6 +63,7 @@ from .gemm import (
     packing_scratch_shape,
     packs_as_it_goes,
     panel_shape,
+    panel_width,
     product_tile,
     row_address,
     transpose_into,
@@ -663,7 +662,7 @@ def _tile_units(hidden, itemsize, budgets):
     1.151x; H=512 (1 MiB) B=128 1.059x / 1.002x; H=256 (512 KiB) B=32 0.947x
     forward.
     """
-    width = BLOCK_VECTORS * VECTOR_BYTES // itemsize
+    width = panel_width(itemsize)
     units = UNITS_PER_TILE
     while units > width and N_GATES * hidden * units * itemsize > budgets[4]:
         units -= width

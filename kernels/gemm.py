@@ -106,9 +106,16 @@ def use_full_vector_width(typingctx):
     return types.none(), codegen
 
 
+@njit(inline="always")
+def panel_width(itemsize):
+    """W: columns one register block (and one packed panel) covers for
+    elements of ``itemsize`` bytes; for compiled code, which has no dtypes."""
+    return BLOCK_VECTORS * VECTOR_BYTES // itemsize
+
+
 def block_columns(dtype):
     """Columns one register block covers for ``dtype`` (a NumPy dtype)."""
-    return BLOCK_VECTORS * VECTOR_BYTES // dtype.itemsize
+    return panel_width.py_func(dtype.itemsize)
 
 
 _LLVM_TYPE_TAG = {32: "f32", 64: "f64"}
