@@ -283,10 +283,13 @@ def test_tiles_take_fewer_units_where_their_slice_of_w_h_is_large(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tiles_of_one_panel_match_the_reference(backend, dtype, monkeypatch):
+def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, monkeypatch):
     """The time loops with the fewest units a tile can take (one panel of W),
-    over a hidden size of several such tiles, the last one ragged."""
+    over a hidden size of several such tiles, the last one ragged; with W_h
+    taken to be too large for L2, so that the short blocks (9 rows: 6 + 3)
+    prefetch the next gate's panel."""
     monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 1)
+    monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 0)
     width = gemm.block_columns(np.dtype(dtype))
     hidden = 2 * width + 5
     rng = np.random.default_rng(29)
