@@ -28,6 +28,20 @@ def run_layer(lstm, x, lengths, state, dy, d_state):
     return results
 
 
+def assert_random_run_matches_reference(lstm, reference, rng, steps, batch, lengths):
+    """``lstm`` (forward with ``lengths``, backward with a random dy) against
+    its float64 twin ``reference``, on a random (steps, batch, I) x."""
+    dtype = lstm.dtype
+    x = rng.standard_normal((steps, batch, lstm.input_size)).astype(dtype)
+    dy = rng.standard_normal((steps, batch, lstm.directions * lstm.hidden_size)).astype(dtype)
+    actual = run_layer(lstm, x, lengths, None, dy, None)
+    expected = run_layer(reference, x.astype(np.float64), lengths, None, dy.astype(np.float64),
+                         None)
+    for name, value in expected.items():
+        error = relative_error(actual[name], value)
+        assert error <= TOLERANCE[np.dtype(dtype)], f"{name}: {error:.2e}"
+
+
 def twin_layers(backend, dtype, seed=0, **options):
     """The same random LSTM on ``backend`` in ``dtype`` and on the float64 reference."""
     lstm = nblstm.LSTM(backend=backend, dtype=dtype, rng=seed, **options)
@@ -291,20 +305,12 @@ def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, monke
     monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 1)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 0)
     width = gemm.block_columns(np.dtype(dtype))
-    hidden = 2 * width + 5
     rng = np.random.default_rng(29)
     steps, batch = 4, 9
-    lstm, reference = twin_layers(backend, dtype, input_size=7, hidden_size=hidden,
+    lstm, reference = twin_layers(backend, dtype, input_size=7, hidden_size=2 * width + 5,
                                   bidirectional=True)
-    x = rng.standard_normal((steps, batch, 7)).astype(dtype)
-    dy = rng.standard_normal((steps, batch, 2 * hidden)).astype(dtype)
-    lengths = rng.integers(1, steps + 1, batch)
-    actual = run_layer(lstm, x, lengths, None, dy, None)
-    expected = run_layer(reference, x.astype(np.float64), lengths, None, dy.astype(np.float64),
-                         None)
-    for name, value in expected.items():
-        error = relative_error(actual[name], value)
-        assert error <= TOLERANCE[np.dtype(dtype)], f"{name}: {error:.2e}"
+    assert_random_run_matches_reference(lstm, reference, rng, steps, batch,
+                                        rng.integers(1, steps + 1, batch))
 
 
 @njit
@@ -335,12 +341,5 @@ def test_rows_in_teams_match_the_reference(backend, dtype, bidirectional):
     steps, batch = 7, 17
     lstm, reference = twin_layers(backend, dtype, input_size=6, hidden_size=19,
                                   bidirectional=bidirectional)
-    x = rng.standard_normal((steps, batch, 6)).astype(dtype)
-    dy = rng.standard_normal((steps, batch, lstm.directions * 19)).astype(dtype)
-    lengths = rng.integers(0, steps + 1, batch)
-    actual = run_layer(lstm, x, lengths, None, dy, None)
-    expected = run_layer(reference, x.astype(np.float64), lengths, None, dy.astype(np.float64),
-                         None)
-    for name, value in expected.items():
-        error = relative_error(actual[name], value)
-        assert error <= TOLERANCE[np.dtype(dtype)], f"{name}: {error:.2e}"
+    assert_random_run_matches_reference(lstm, reference, rng, steps, batch,
+                                        rng.integers(0, steps + 1, batch))
