@@ -42,7 +42,7 @@ MIN_CHAINS = 8
 #: of a panel over the block's k loop (a panel row is BLOCK_VECTORS = 4
 #: lines). Measured on a 2-core AVX-512 machine, forward time loops alone at
 #: B=8 (a 6-row and a 2-row block), against no prefetch: 1 line f64 H=1024
-#: 1.040-1.052x in four runs, f32 H=1024 1.03x; 2 lines f64 H=1024 1.04x;
+#: 1.040-1.052x in three runs, f32 H=1024 1.03x; 2 lines f64 H=1024 1.04x;
 #: 4 lines 0.92x.
 PREFETCH_LINES_PER_K = 1
 CACHE_LINE_BYTES = 64
@@ -359,8 +359,6 @@ def _emit_block(n_rows, context, builder, arg_types, args):
     out_rows = [emit.offset(out_data, builder.add(builder.mul(row, out_row_stride), col_bytes),
                             emit.element) for row in row_indices(out_rows_array, out_rows_type)]
     n_sets = max(1, MIN_CHAINS // (n_rows * BLOCK_VECTORS))
-    prefetching = builder.icmp_signed("!=", prefetch_address, ir.Constant(i64, 0))
-    prefetch_pointer = builder.inttoptr(prefetch_address, emit.byte_ptr)
 
     def block(masks, prefetch_start=None):
         sums = _emit_k_loop(emit, a_rows, a_k_stride, b_start, panel_k_stride, k_lo, k_hi,
@@ -374,9 +372,11 @@ def _emit_block(n_rows, context, builder, arg_types, args):
     with builder.if_else(full) as (full_block, partial_block):
         with full_block:
             if n_rows < BLOCK_ROWS:
+                prefetching = builder.icmp_signed("!=", prefetch_address, ir.Constant(i64, 0))
                 with builder.if_else(prefetching) as (prefetching_block, plain_block):
                     with prefetching_block:
-                        block([None] * BLOCK_VECTORS, prefetch_pointer)
+                        block([None] * BLOCK_VECTORS,
+                              builder.inttoptr(prefetch_address, emit.byte_ptr))
                     with plain_block:
                         block([None] * BLOCK_VECTORS)
             else:

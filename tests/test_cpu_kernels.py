@@ -143,17 +143,17 @@ def test_product_tile_prefetching_changes_no_value(dtype, n_rows):
     n_cols = 2 * width + 5
     a, b = product_case(rng, n_rows, 33, n_cols, dtype)
     panels = packed(b)
-    following = packed(np.ascontiguousarray(b[:, :width]))[0]
     rows = np.arange(n_rows)
 
     @njit
-    def tile(prefetch, following, out):
+    def tile(prefetch, out):
+        # After the last panel, the first again.
         gemm.product_tile(a, rows, rows, 0, n_rows, panels, 0, 33, 0, n_cols, out, 0, False, 0,
-                          prefetch, np.int64(following.ctypes.data))
+                          prefetch, gemm.row_address(panels[0], 0))
 
     plain, prefetching = (np.full((n_rows, n_cols), np.nan, dtype) for _ in range(2))
-    tile(False, following, plain)
-    tile(True, following, prefetching)
+    tile(False, plain)
+    tile(True, prefetching)
     np.testing.assert_array_equal(prefetching, plain)
     assert_product_close(prefetching, a.astype(np.float64) @ b, 33, dtype)
 
