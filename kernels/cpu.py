@@ -253,13 +253,15 @@ def _claim_in_order(claims, step, member, team_size, n_tiles, offset):
 @njit(inline="always")
 def _team_of(worker, n_workers, team_rows, team_bounds):
     """(member index, team size, first direction, direction count, owned rows,
-    team index, whether the members' W_h streams from memory) of ``worker``'s
-    team: workers [t * size, (t + 1) * size) form team t."""
+    team index, whether the members' W_h streams from memory, whether the
+    backward products read it in chunks) of ``worker``'s team: workers
+    [t * size, (t + 1) * size) form team t (see :func:`_teams`)."""
     team_size = n_workers // team_bounds.shape[0]
     team = worker // team_size
     d_lo, d_hi, n_owned = team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2]
+    level = team_bounds[team, 3]
     return (worker % team_size, team_size, d_lo, d_hi - d_lo, team_rows[team, :n_owned], team,
-            team_bounds[team, 3] != 0)
+            level >= STREAMS, level >= STREAMS_IN_CHUNKS)
 
 
 @njit(inline="always")
@@ -272,6 +274,22 @@ def _next_gate_panel(w_h_panels, gate, unit_lo):
         return 0
     panels = w_h_panels[gate + 1]
     return row_address(panels[unit_lo // panels.shape[2]], 0)
+
+
+@njit(inline="always")
+def _reads_in_chunks(in_chunks, n_row_tiles, n_rows):
+    """Whether a backward tile of ``n_rows`` rows runs its product in chunks
+    of k (:func:`.gemm.product_tile`'s ``in_chunks``): where the team's
+    panels of W_h^T come from memory, well past L2 (``in_chunks``, from
+    :func:`_team_of`), the tile covers every running row (no other row tile
+    has just read those panels into L2), and its rows make full blocks and a
+    short one.
+
+    The forward loop keeps whole panels: its short blocks prefetch the next
+    gate's panel instead, and in chunks they measured 0.90-1.06x.
+    """
+    return (in_chunks and n_row_tiles == 1 and n_rows > BLOCK_ROWS
+            and n_rows % BLOCK_ROWS != 0)
 
 
 @njit(inline="always")
@@ -319,7 +337,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
         # Numba compiles a prange body as a function of its own: the hint
         # goes here, in the function that holds the cell loops.
         use_full_vector_width()
-        member, team_size, d_lo, team_dirs, owned, team, streams = _team_of(
+        member, team_size, d_lo, team_dirs, owned, team, streams, in_chunks = _team_of(
             worker, n_workers, team_rows, team_bounds)
         rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
@@ -391,7 +409,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
     n_workers = row_lists.shape[0]
     for worker in prange(n_workers):
         use_full_vector_width()
-        member, team_size, d_lo, team_dirs, owned, team, streams = _team_of(
+        member, team_size, d_lo, team_dirs, owned, team, streams, in_chunks = _team_of(
             worker, n_workers, team_rows, team_bounds)
         rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
@@ -413,7 +431,8 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                     product_tile(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
                                  rows_running, row_lo, row_hi, w_h_t_panels[d], 0, four_hidden,
                                  unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False,
-                                 0, streams)
+                                 0, streams, 0,
+                                 _reads_in_chunks(in_chunks, n_row_tiles, row_hi - row_lo))
                 if step >= 0:
                     n_units = unit_hi - unit_lo
                     dh = _segment(row_scratch, _DH, n_units)
@@ -710,6 +729,17 @@ MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
 #: The largest slice of W_h one time-loop tile reads (:func:`_tile_units`):
 #: a quarter of a core's L2.
 MAX_TILE_WEIGHT_BYTES = _core_cache_bytes() // 4
+#: Backward tiles read W_h^T in chunks of k (:func:`_reads_in_chunks`) where
+#: each worker's share of it is larger than a whole L2, which then keeps
+#: little of it between steps. Measured on a 2-core AVX-512 machine (2 MiB
+#: L2), backward time loops alone at B=8 against whole panels, by the share:
+#: 2 MiB (f32 H=512) 0.85x, 4 MiB (f64 H=512) 1.06x, 8 MiB (f32 H=1024)
+#: 1.12-1.16x, 16 MiB (f64 H=1024) 1.15-1.18x.
+MIN_CHUNKED_SHARE_BYTES = _core_cache_bytes()
+#: team_bounds[t, 3] (:func:`_teams`): how far each member's share of W_h is
+#: from fitting its core's L2.
+STREAMS = 1
+STREAMS_IN_CHUNKS = 2
 
 
 def _team_budgets():
@@ -717,7 +747,7 @@ def _team_budgets():
     compiled drivers take them (read at each call, so that a test may change
     them)."""
     return (MIN_ROWS_PER_TEAM, MAX_TEAM_WEIGHT_BYTES, MIN_ROWS_PER_TEAM_FROM_L3,
-            MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES)
+            MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES, MIN_CHUNKED_SHARE_BYTES)
 
 
 @njit(inline="always")
@@ -745,10 +775,13 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     the workers divide evenly among them; within a direction, one worker per
     group of rows when each worker gets enough rows for the size of W_h
     (:func:`_rows_split_pays`), else one team of all the direction's workers.
-    team_bounds[t, 3] is 1 where each member's share of the team's W_h is
-    larger than the budget of W_h kept in a core's L2 (``budgets[1]``), so
-    that it comes from memory every step and the time loops prefetch it
-    (:func:`.gemm.product_tile`), else 0.
+    team_bounds[t, 3] is :data:`STREAMS` where each member's share of the
+    team's W_h is larger than the budget of W_h kept in a core's L2
+    (``budgets[1]``), so that it comes from memory every step and the time
+    loops prefetch it (:func:`.gemm.product_tile`); :data:`STREAMS_IN_CHUNKS`
+    where the share is also larger than ``budgets[5]``
+    (:data:`MIN_CHUNKED_SHARE_BYTES`), so that backward reads it in chunks of
+    k (:func:`_reads_in_chunks`); else 0.
     """
     batch = lengths.shape[0]
     if n_workers % n_dirs:
@@ -772,7 +805,9 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
                 team_rows[team, n] = cuts[group] + n
             team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2] = d_lo, d_hi, n_rows
             share_bytes = (d_hi - d_lo) * weight_bytes // workers_per_team
-            team_bounds[team, 3] = share_bytes > budgets[1]
+            if share_bytes > budgets[1]:
+                team_bounds[team, 3] = (STREAMS_IN_CHUNKS if share_bytes > budgets[5]
+                                        else STREAMS)
     return team_rows, team_bounds
 
 

@@ -48,6 +48,13 @@ PREFETCH_LINES_PER_K = 1
 CACHE_LINE_BYTES = 64
 #: ``llvm.prefetch`` locality 2: into L2 and the caches below it (``prefetcht1``).
 PREFETCH_LOCALITY = 2
+#: Values of k per chunk when a product runs its panels' rows in chunks
+#: (:func:`product_tile`'s ``in_chunks``): 32 rows of a panel are 8 KiB, so
+#: a chunk that the first block streams in is still in L1 for the next
+#: blocks. Measured on a 2-core AVX-512 machine, backward time loops alone at
+#: B=8 (a 6-row and a 2-row block), against unchunked: f64 H=1024 1.18x, f32
+#: H=1024 1.16x, f32 H=512 1.09x; 64 values of k were 3 % slower than 32.
+STREAM_CHUNK = 32
 
 
 def _host_vector_bytes():
@@ -494,7 +501,8 @@ def transpose_square(typingctx, matrix, row, col, out, out_row, out_col):
 
 @njit(inline="always")
 def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out,
-                 out_col, accumulate, panels_first_k=0, prefetch=False, following=0):
+                 out_col, accumulate, panels_first_k=0, prefetch=False, following=0,
+                 in_chunks=False):
     """``out[s, out_col + j] (+)= a[r, k_lo:k_hi] @ b[k_lo:k_hi, j]`` for j in [col_lo, col_hi).
 
     For ``(r, s)`` in ``zip(a_rows, out_rows)[row_lo:row_hi]``. a: (R, K);
@@ -510,6 +518,13 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
     panel read next instead (:data:`PREFETCH_LINES_PER_K`): the next panel
     here, after the last one ``following``, the byte address of the caller's
     next panel (row k_lo), or 0 for none.
+
+    in_chunks: run each panel's rows k in chunks of :data:`STREAM_CHUNK`, all
+    blocks over one chunk before the next chunk, so that the blocks after the
+    first read the chunk from L1 rather than the whole panel again from L2.
+    For rows that stream a panel from memory as a full block and a short
+    one; the short block then costs little beside the stream. The sums are
+    the same up to rounding: each chunk's sum is added onto ``out`` in turn.
     """
     width = panels.shape[2]
     for col in range(col_lo, col_hi, width):
@@ -521,10 +536,17 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
                 prefetch_address = row_address(panels[col // width + 1], k_lo - panels_first_k)
             else:
                 prefetch_address = following
-        for first in range(row_lo, row_hi, BLOCK_ROWS):
-            register_block(min(BLOCK_ROWS, row_hi - first), a, a_rows, out_rows, first, panel,
-                           panels_first_k, k_lo, k_hi, out_col + col, n_cols, out, accumulate,
-                           prefetch_address)
+        depth = STREAM_CHUNK if in_chunks else max(1, k_hi - k_lo)
+        for chunk in range(max(1, (k_hi - k_lo + depth - 1) // depth)):
+            chunk_lo = k_lo + chunk * depth
+            chunk_prefetch = prefetch_address
+            if prefetch_address != 0:
+                chunk_prefetch += (chunk_lo - k_lo) * PREFETCH_LINES_PER_K * CACHE_LINE_BYTES
+            for first in range(row_lo, row_hi, BLOCK_ROWS):
+                register_block(min(BLOCK_ROWS, row_hi - first), a, a_rows, out_rows, first,
+                               panel, panels_first_k, chunk_lo, min(chunk_lo + depth, k_hi),
+                               out_col + col, n_cols, out, accumulate or chunk_lo > k_lo,
+                               chunk_prefetch)
 
 
 @njit(inline="always")

@@ -159,6 +159,35 @@ def test_product_tile_prefetching_changes_no_value(dtype, n_rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_product_tile_in_chunks_of_k_adds_every_chunk(dtype, accumulate, prefetch):
+    """A product run in chunks of k (the last one ragged, over a k range
+    that starts inside the panels), onto what out holds or not, prefetching
+    or not: the product to rounding, every column and row, the short block's
+    included."""
+    rng = np.random.default_rng(11)
+    width = gemm.block_columns(np.dtype(dtype))
+    n_rows, n_cols, depth, k_lo = gemm.BLOCK_ROWS + 2, 2 * width + 5, 3 * gemm.STREAM_CHUNK + 7, 5
+    a, b = product_case(rng, n_rows, depth, n_cols, dtype)
+    panels = packed(b)
+    rows = np.arange(n_rows)
+    start = rng.standard_normal((n_rows, n_cols)).astype(dtype)
+
+    @njit
+    def tile(out):
+        gemm.product_tile(a, rows, rows, 0, n_rows, panels, k_lo, depth, 0, n_cols, out, 0,
+                          accumulate, 0, prefetch, gemm.row_address(panels[0], k_lo), True)
+
+    out = start.copy()
+    tile(out)
+    expected = a[:, k_lo:].astype(np.float64) @ b[k_lo:]
+    if accumulate:
+        expected += start
+    assert_product_close(out, expected, depth, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_groups", [1, 4])
 def test_gate_packing_packs_each_group_of_columns_of_each_direction(dtype, n_groups):
     # W_h packs gate by gate (4 groups of H columns), W_x whole (1 group of 4H).

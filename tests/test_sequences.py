@@ -239,9 +239,11 @@ def test_layer_rejects_bad_arguments():
 def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers
     (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3), and
-    which teams' members read a share of W_h too large for L2 (column 3)."""
+    which teams' members read a share of W_h too large for L2 (column 3: 1
+    past 1 MiB, 2 past the whole 2 MiB)."""
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 20)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 2 ** 22)
+    monkeypatch.setattr(cpu, "MIN_CHUNKED_SHARE_BYTES", 2 ** 21)
     f32_bytes = np.dtype(np.float32).itemsize
 
     def teams(n_dirs, lengths, hidden, n_workers):
@@ -251,12 +253,12 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     rows, bounds = teams(1, full, 128, 2)
     np.testing.assert_array_equal(bounds, [[0, 1, 16, 0], [0, 1, 16, 0]])
     np.testing.assert_array_equal(rows[1, :16], np.arange(16, 32))
-    # A W_h of 4 MiB splits only with 64 rows a worker.
+    # A W_h of 4 MiB splits only with 64 rows a worker, each reading all of it.
     _, bounds = teams(1, np.full(128, 7), 512, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 64, 1], [0, 1, 64, 1]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 64, 2], [0, 1, 64, 2]])
     # Too few rows a worker for the size of W_h, or W_h past every budget:
     # one team shares each step, each member reading half of W_h.
-    for hidden, batch, streams in ((512, 126, 1), (1024, 1000, 1), (256, 6, 0),
+    for hidden, batch, streams in ((512, 126, 1), (1024, 1000, 2), (256, 6, 0),
                                    (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1, 0)):
         _, bounds = teams(1, np.full(batch, 7), hidden, 2)
         np.testing.assert_array_equal(bounds, [[0, 1, batch, streams]])
@@ -266,9 +268,9 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     assert bounds[0, 2] > bounds[1, 2] and bounds[:, 2].sum() == 16
     # Two directions, two workers: a direction each, whatever the sizes.
     _, bounds = teams(2, np.full(3, 7), 1024, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 3, 1], [1, 2, 3, 1]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 3, 2], [1, 2, 3, 2]])
     _, bounds = teams(2, np.full(3, 7), 1024, 3)
-    np.testing.assert_array_equal(bounds, [[0, 2, 3, 1]])
+    np.testing.assert_array_equal(bounds, [[0, 2, 3, 2]])
     _, bounds = teams(2, np.full(3, 7), 256, 2)
     np.testing.assert_array_equal(bounds, [[0, 1, 3, 0], [1, 2, 3, 0]])
 
@@ -301,9 +303,11 @@ def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, monke
     """The time loops with the fewest units a tile can take (one panel of W),
     over a hidden size of several such tiles, the last one ragged; with W_h
     taken to be too large for L2, so that the short blocks (9 rows: 6 + 3)
-    prefetch the next gate's panel."""
+    prefetch the next gate's panel, and backward runs its products in chunks
+    of k."""
     monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 1)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(cpu, "MIN_CHUNKED_SHARE_BYTES", 0)
     width = gemm.block_columns(np.dtype(dtype))
     rng = np.random.default_rng(29)
     steps, batch = 4, 9
