@@ -253,8 +253,8 @@ def _claim_in_order(claims, step, member, team_size, n_tiles, offset):
 @njit(inline="always")
 def _team_of(worker, n_workers, team_rows, team_bounds):
     """(member index, team size, first direction, direction count, owned rows,
-    team index, whether the members' W_h streams from memory, whether the
-    backward products read it in chunks) of ``worker``'s team: workers
+    team index, whether the members' W_h streams from memory, whether their
+    products read it in chunks) of ``worker``'s team: workers
     [t * size, (t + 1) * size) form team t (see :func:`_teams`)."""
     team_size = n_workers // team_bounds.shape[0]
     team = worker // team_size
@@ -278,15 +278,12 @@ def _next_gate_panel(w_h_panels, gate, unit_lo):
 
 @njit(inline="always")
 def _reads_in_chunks(in_chunks, n_row_tiles, n_rows):
-    """Whether a backward tile of ``n_rows`` rows runs its product in chunks
-    of k (:func:`.gemm.product_tile`'s ``in_chunks``): where the team's
-    panels of W_h^T come from memory, well past L2 (``in_chunks``, from
-    :func:`_team_of`), the tile covers every running row (no other row tile
-    has just read those panels into L2), and its rows make full blocks and a
-    short one.
-
-    The forward loop keeps whole panels: its short blocks prefetch the next
-    gate's panel instead, and in chunks they measured 0.90-1.06x.
+    """Whether a time-loop tile of ``n_rows`` rows runs its products in
+    chunks of k (:func:`.gemm.product_tile`'s ``in_chunks``): where the
+    team's panels of W_h (W_h^T backward) come from memory, well past L2
+    (``in_chunks``, from :func:`_team_of`), the tile covers every running
+    row (no other row tile has just read those panels into L2), and its rows
+    make full blocks and a short one.
     """
     return (in_chunks and n_row_tiles == 1 and n_rows > BLOCK_ROWS
             and n_rows % BLOCK_ROWS != 0)
@@ -358,7 +355,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     product_tile(h_prev, rows_running, rows_gate[d], row_lo, row_hi,
                                  w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
                                  gate * hidden, True, 0, streams,
-                                 _next_gate_panel(w_h_panels[d], gate, unit_lo))
+                                 _next_gate_panel(w_h_panels[d], gate, unit_lo),
+                                 _reads_in_chunks(in_chunks, n_row_tiles, row_hi - row_lo))
                 n_units = unit_hi - unit_lo
                 for n in range(row_lo, row_hi):
                     r, gate_row = rows_running[n], rows_gate[d, n]
@@ -729,12 +727,14 @@ MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
 #: The largest slice of W_h one time-loop tile reads (:func:`_tile_units`):
 #: a quarter of a core's L2.
 MAX_TILE_WEIGHT_BYTES = _core_cache_bytes() // 4
-#: Backward tiles read W_h^T in chunks of k (:func:`_reads_in_chunks`) where
+#: Time-loop tiles read W_h in chunks of k (:func:`_reads_in_chunks`) where
 #: each worker's share of it is larger than a whole L2, which then keeps
 #: little of it between steps. Measured on a 2-core AVX-512 machine (2 MiB
-#: L2), backward time loops alone at B=8 against whole panels, by the share:
-#: 2 MiB (f32 H=512) 0.85x, 4 MiB (f64 H=512) 1.06x, 8 MiB (f32 H=1024)
-#: 1.12-1.16x, 16 MiB (f64 H=1024) 1.15-1.18x.
+#: L2), time loops alone at B=8 against whole panels, by the share: 2 MiB
+#: (f32 H=512) backward 0.85x; 4 MiB (f64 H=512) backward 1.05x, forward
+#: 1.01x; 8 MiB (f32 H=1024) 1.14x, 1.02x; 16 MiB (f64 H=1024) 1.16x,
+#: 1.03-1.06x. Forward gains less: without chunks, its short blocks already
+#: prefetch the next gate's panel while they read the current one from L2.
 MIN_CHUNKED_SHARE_BYTES = _core_cache_bytes()
 #: team_bounds[t, 3] (:func:`_teams`): how far each member's share of W_h is
 #: from fitting its core's L2.
@@ -780,8 +780,8 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     (``budgets[1]``), so that it comes from memory every step and the time
     loops prefetch it (:func:`.gemm.product_tile`); :data:`STREAMS_IN_CHUNKS`
     where the share is also larger than ``budgets[5]``
-    (:data:`MIN_CHUNKED_SHARE_BYTES`), so that backward reads it in chunks of
-    k (:func:`_reads_in_chunks`); else 0.
+    (:data:`MIN_CHUNKED_SHARE_BYTES`), so that the time loops read it in
+    chunks of k (:func:`_reads_in_chunks`); else 0.
     """
     batch = lengths.shape[0]
     if n_workers % n_dirs:

@@ -303,8 +303,8 @@ def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, monke
     """The time loops with the fewest units a tile can take (one panel of W),
     over a hidden size of several such tiles, the last one ragged; with W_h
     taken to be too large for L2, so that the short blocks (9 rows: 6 + 3)
-    prefetch the next gate's panel, and backward runs its products in chunks
-    of k."""
+    prefetch the next gate's panel, and both loops run their products in
+    chunks of k."""
     monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 1)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 0)
     monkeypatch.setattr(cpu, "MIN_CHUNKED_SHARE_BYTES", 0)
