@@ -259,9 +259,9 @@ def _team_of(worker, n_workers, team_rows, team_bounds):
     team_size = n_workers // team_bounds.shape[0]
     team = worker // team_size
     d_lo, d_hi, n_owned = team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2]
-    level = team_bounds[team, 3]
+    reads = team_bounds[team, 3]
     return (worker % team_size, team_size, d_lo, d_hi - d_lo, team_rows[team, :n_owned], team,
-            level >= STREAMS, level >= STREAMS_IN_CHUNKS)
+            reads & STREAMS != 0, reads & IN_CHUNKS != 0)
 
 
 @njit(inline="always")
@@ -279,11 +279,12 @@ def _next_gate_panel(w_h_panels, gate, unit_lo):
 @njit(inline="always")
 def _reads_in_chunks(in_chunks, n_row_tiles, n_rows):
     """Whether a time-loop tile of ``n_rows`` rows runs its products in
-    chunks of k (:func:`.gemm.product_tile`'s ``in_chunks``): where the
-    team's panels of W_h (W_h^T backward) come from memory, well past L2
-    (``in_chunks``, from :func:`_team_of`), the tile covers every running
-    row (no other row tile has just read those panels into L2), and its rows
-    make full blocks and a short one.
+    chunks of k (:func:`.gemm.product_tile`'s ``in_chunks``): where W_h
+    (W_h^T backward) is too large for the L2s (``in_chunks``, from
+    :func:`_team_of`), the tile covers every running row (no other row tile
+    has just read those panels into L2), and its rows make full blocks and a
+    short one. None of this depends on the thread count (see
+    :data:`MIN_CHUNKED_WEIGHT_BYTES`).
     """
     return (in_chunks and n_row_tiles == 1 and n_rows > BLOCK_ROWS
             and n_rows % BLOCK_ROWS != 0)
@@ -728,18 +729,23 @@ MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
 #: a quarter of a core's L2.
 MAX_TILE_WEIGHT_BYTES = _core_cache_bytes() // 4
 #: Time-loop tiles read W_h in chunks of k (:func:`_reads_in_chunks`) where
-#: each worker's share of it is larger than a whole L2, which then keeps
-#: little of it between steps. Measured on a 2-core AVX-512 machine (2 MiB
-#: L2), time loops alone at B=8 against whole panels, by the share: 2 MiB
-#: (f32 H=512) backward 0.85x; 4 MiB (f64 H=512) backward 1.05x, forward
-#: 1.01x; 8 MiB (f32 H=1024) 1.14x, 1.02x; 16 MiB (f64 H=1024) 1.16x,
-#: 1.03-1.06x. Forward gains less: without chunks, its short blocks already
-#: prefetch the next gate's panel while they read the current one from L2.
-MIN_CHUNKED_SHARE_BYTES = _core_cache_bytes()
-#: team_bounds[t, 3] (:func:`_teams`): how far each member's share of W_h is
-#: from fitting its core's L2.
+#: one direction's W_h is larger than two L2s, so that each of two workers'
+#: shares is larger than its whole L2, which then keeps little of it between
+#: steps. Measured on a 2-core AVX-512 machine (2 MiB L2), time loops alone
+#: at B=8 against whole panels, by each worker's share: 2 MiB (f32 H=512)
+#: backward 0.85x; 4 MiB (f64 H=512) backward 1.05x, forward 1.01x; 8 MiB
+#: (f32 H=1024) 1.14x, 1.02x; 16 MiB (f64 H=1024) 1.16x, 1.03-1.06x.
+#: Forward gains less: without chunks, its short blocks already prefetch the
+#: next gate's panel while they read the current one from L2. Chunks round
+#: differently, so the rule looks at the size of W_h, never at the share:
+#: the sums stay the same at every thread count. (Nor does a W_h past every
+#: team budget ever split rows into teams, whose tiles would chunk by their
+#: own row counts: :func:`_teams` chunks only past those budgets too.)
+MIN_CHUNKED_WEIGHT_BYTES = 2 * _core_cache_bytes()
+#: Flags of team_bounds[t, 3] (:func:`_teams`): the members' W_h streams from
+#: memory; the time loops read it in chunks.
 STREAMS = 1
-STREAMS_IN_CHUNKS = 2
+IN_CHUNKS = 2
 
 
 def _team_budgets():
@@ -747,7 +753,7 @@ def _team_budgets():
     compiled drivers take them (read at each call, so that a test may change
     them)."""
     return (MIN_ROWS_PER_TEAM, MAX_TEAM_WEIGHT_BYTES, MIN_ROWS_PER_TEAM_FROM_L3,
-            MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES, MIN_CHUNKED_SHARE_BYTES)
+            MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES, MIN_CHUNKED_WEIGHT_BYTES)
 
 
 @njit(inline="always")
@@ -775,13 +781,14 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     the workers divide evenly among them; within a direction, one worker per
     group of rows when each worker gets enough rows for the size of W_h
     (:func:`_rows_split_pays`), else one team of all the direction's workers.
-    team_bounds[t, 3] is :data:`STREAMS` where each member's share of the
-    team's W_h is larger than the budget of W_h kept in a core's L2
+    team_bounds[t, 3] holds flags: :data:`STREAMS` where each member's share
+    of the team's W_h is larger than the budget of W_h kept in a core's L2
     (``budgets[1]``), so that it comes from memory every step and the time
-    loops prefetch it (:func:`.gemm.product_tile`); :data:`STREAMS_IN_CHUNKS`
-    where the share is also larger than ``budgets[5]``
-    (:data:`MIN_CHUNKED_SHARE_BYTES`), so that the time loops read it in
-    chunks of k (:func:`_reads_in_chunks`); else 0.
+    loops prefetch it (:func:`.gemm.product_tile`); :data:`IN_CHUNKS` where
+    one direction's W_h is larger than ``budgets[5]``
+    (:data:`MIN_CHUNKED_WEIGHT_BYTES`) and than every budget for which rows
+    split into teams, so that the time loops read it in chunks of k
+    (:func:`_reads_in_chunks`).
     """
     batch = lengths.shape[0]
     if n_workers % n_dirs:
@@ -790,6 +797,7 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
         n_direction_teams, workers_per_direction = n_dirs, n_workers // n_dirs
     weight_bytes = N_GATES * hidden * hidden * itemsize
     split = _rows_split_pays(batch // workers_per_direction, weight_bytes, budgets)
+    in_chunks = weight_bytes > max(budgets[1], budgets[3], budgets[5])
     cuts = _row_cuts(lengths, workers_per_direction if split else 1)
     n_groups = cuts.shape[0] - 1
     team_rows = np.zeros((n_direction_teams * n_groups, batch), np.int64)
@@ -805,9 +813,8 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
                 team_rows[team, n] = cuts[group] + n
             team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2] = d_lo, d_hi, n_rows
             share_bytes = (d_hi - d_lo) * weight_bytes // workers_per_team
-            if share_bytes > budgets[1]:
-                team_bounds[team, 3] = (STREAMS_IN_CHUNKS if share_bytes > budgets[5]
-                                        else STREAMS)
+            team_bounds[team, 3] = ((STREAMS if share_bytes > budgets[1] else 0)
+                                    | (IN_CHUNKS if in_chunks else 0))
     return team_rows, team_bounds
 
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import numba
 from numba import njit
 
 import nblstm
@@ -239,11 +240,11 @@ def test_layer_rejects_bad_arguments():
 def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers
     (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3), and
-    which teams' members read a share of W_h too large for L2 (column 3: 1
-    past 1 MiB, 2 past the whole 2 MiB)."""
+    how they read W_h (column 3, flags: 1 where a member's share is past 1
+    MiB, 2 where W_h is past 4 MiB, two L2s)."""
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 20)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 2 ** 22)
-    monkeypatch.setattr(cpu, "MIN_CHUNKED_SHARE_BYTES", 2 ** 21)
+    monkeypatch.setattr(cpu, "MIN_CHUNKED_WEIGHT_BYTES", 2 ** 22)
     f32_bytes = np.dtype(np.float32).itemsize
 
     def teams(n_dirs, lengths, hidden, n_workers):
@@ -255,22 +256,22 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     np.testing.assert_array_equal(rows[1, :16], np.arange(16, 32))
     # A W_h of 4 MiB splits only with 64 rows a worker, each reading all of it.
     _, bounds = teams(1, np.full(128, 7), 512, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 64, 2], [0, 1, 64, 2]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 64, 1], [0, 1, 64, 1]])
     # Too few rows a worker for the size of W_h, or W_h past every budget:
     # one team shares each step, each member reading half of W_h.
-    for hidden, batch, streams in ((512, 126, 1), (1024, 1000, 2), (256, 6, 0),
+    for hidden, batch, reads in ((512, 126, 1), (1024, 1000, 3), (256, 6, 0),
                                    (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1, 0)):
         _, bounds = teams(1, np.full(batch, 7), hidden, 2)
-        np.testing.assert_array_equal(bounds, [[0, 1, batch, streams]])
+        np.testing.assert_array_equal(bounds, [[0, 1, batch, reads]])
     # Rows split where the steps they run balance, not where their count does.
     lengths = np.array([1] * 12 + [10] * 4)
     _, bounds = teams(1, lengths, 64, 2)
     assert bounds[0, 2] > bounds[1, 2] and bounds[:, 2].sum() == 16
     # Two directions, two workers: a direction each, whatever the sizes.
     _, bounds = teams(2, np.full(3, 7), 1024, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 3, 2], [1, 2, 3, 2]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 3, 3], [1, 2, 3, 3]])
     _, bounds = teams(2, np.full(3, 7), 1024, 3)
-    np.testing.assert_array_equal(bounds, [[0, 2, 3, 2]])
+    np.testing.assert_array_equal(bounds, [[0, 2, 3, 3]])
     _, bounds = teams(2, np.full(3, 7), 256, 2)
     np.testing.assert_array_equal(bounds, [[0, 1, 3, 0], [1, 2, 3, 0]])
 
@@ -305,9 +306,7 @@ def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, monke
     taken to be too large for L2, so that the short blocks (9 rows: 6 + 3)
     prefetch the next gate's panel, and both loops run their products in
     chunks of k."""
-    monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 1)
-    monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(cpu, "MIN_CHUNKED_SHARE_BYTES", 0)
+    _take_w_h_past_every_budget(monkeypatch)
     width = gemm.block_columns(np.dtype(dtype))
     rng = np.random.default_rng(29)
     steps, batch = 4, 9
@@ -315,6 +314,45 @@ def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, monke
                                   bidirectional=True)
     assert_random_run_matches_reference(lstm, reference, rng, steps, batch,
                                         rng.integers(1, steps + 1, batch))
+
+
+def _take_w_h_past_every_budget(monkeypatch):
+    """One-panel tiles; every W_h streams and is read in chunks; rows never
+    split into teams."""
+    monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 1)
+    monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 0)
+    monkeypatch.setattr(cpu, "MIN_CHUNKED_WEIGHT_BYTES", 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_loops_sum_the_same_at_every_thread_count(dtype, monkeypatch):
+    """Chunks of k round differently from whole panels, so whether a tile
+    reads in chunks must not depend on how many workers share W_h. With the
+    threshold just under the size of W_h, one worker's share (all of W_h)
+    is past it and each of two workers' (half) is not; both read in chunks,
+    and 1 and 2 threads give the same bits."""
+    _take_w_h_past_every_budget(monkeypatch)
+    width = gemm.block_columns(np.dtype(dtype))
+    hidden = 2 * width + 5
+    monkeypatch.setattr(cpu, "MIN_CHUNKED_WEIGHT_BYTES",
+                        4 * hidden * hidden * np.dtype(dtype).itemsize - 1)
+    rng = np.random.default_rng(30)
+    steps, batch = 4, 9
+    lstm = nblstm.LSTM(backend="cpu", dtype=dtype, rng=3, input_size=7, hidden_size=hidden)
+    x = rng.standard_normal((steps, batch, 7)).astype(dtype)
+    dy = rng.standard_normal((steps, batch, hidden)).astype(dtype)
+    lengths = rng.integers(1, steps + 1, batch)
+    default = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = run_layer(lstm, x, lengths, None, dy, None)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        double = run_layer(lstm, x, lengths, None, dy, None)
+    finally:
+        numba.set_num_threads(default)
+    for name, value in single.items():
+        np.testing.assert_array_equal(double[name], value, err_msg=name)
 
 
 @njit
