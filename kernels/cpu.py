@@ -277,17 +277,15 @@ def _next_gate_panel(w_h_panels, gate, unit_lo):
 
 
 @njit(inline="always")
-def _reads_in_chunks(in_chunks, n_row_tiles, n_rows):
-    """Whether a time-loop tile of ``n_rows`` rows runs its products in
-    chunks of k (:func:`.gemm.product_tile`'s ``in_chunks``): where W_h
-    (W_h^T backward) is too large for the L2s (``in_chunks``, from
-    :func:`_team_of`), the tile covers every running row (no other row tile
-    has just read those panels into L2), and its rows make full blocks and a
-    short one. None of this depends on the thread count (see
+def _reads_in_chunks(in_chunks, n_row_tiles):
+    """Whether a time-loop tile may run its products in chunks of k
+    (:func:`.gemm.product_tile`'s ``in_chunks``): where W_h (W_h^T backward)
+    is too large for the L2s (``in_chunks``, from :func:`_team_of`) and the
+    step has one row tile, so that no other row tile has just read the
+    tile's panels into L2. Neither depends on the thread count (see
     :data:`MIN_CHUNKED_WEIGHT_BYTES`).
     """
-    return (in_chunks and n_row_tiles == 1 and n_rows > BLOCK_ROWS
-            and n_rows % BLOCK_ROWS != 0)
+    return in_chunks and n_row_tiles == 1
 
 
 @njit(inline="always")
@@ -357,7 +355,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                                  w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
                                  gate * hidden, True, 0, streams,
                                  _next_gate_panel(w_h_panels[d], gate, unit_lo),
-                                 _reads_in_chunks(in_chunks, n_row_tiles, row_hi - row_lo))
+                                 _reads_in_chunks(in_chunks, n_row_tiles))
                 n_units = unit_hi - unit_lo
                 for n in range(row_lo, row_hi):
                     r, gate_row = rows_running[n], rows_gate[d, n]
@@ -431,7 +429,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                                  rows_running, row_lo, row_hi, w_h_t_panels[d], 0, four_hidden,
                                  unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False,
                                  0, streams, 0,
-                                 _reads_in_chunks(in_chunks, n_row_tiles, row_hi - row_lo))
+                                 _reads_in_chunks(in_chunks, n_row_tiles))
                 if step >= 0:
                     n_units = unit_hi - unit_lo
                     dh = _segment(row_scratch, _DH, n_units)

@@ -519,24 +519,27 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
     here, after the last one ``following``, the byte address of the caller's
     next panel (row k_lo), or 0 for none.
 
-    in_chunks: run each panel's rows k in chunks of :data:`STREAM_CHUNK`, all
-    blocks over one chunk before the next chunk, so that the blocks after the
-    first read the chunk from L1 rather than the whole panel again from L2.
-    For rows that stream a panel from memory as a full block and a short
-    one; the short block then costs little beside the stream. The sums are
-    the same up to rounding: each chunk's sum is added onto ``out`` in turn.
+    in_chunks: the panels come from memory, and no other rows have just read
+    them into L2. Where the rows then make full blocks and a short one, each
+    panel's rows k run in chunks of :data:`STREAM_CHUNK`, all blocks over
+    one chunk before the next, so that the short block reads the chunk from
+    L1, where the full block just brought it, rather than the whole panel
+    again from L2. The sums are the same up to rounding: each chunk's sum is
+    added onto ``out`` in turn.
     """
     width = panels.shape[2]
+    n_rows = row_hi - row_lo
+    chunked = in_chunks and n_rows > BLOCK_ROWS and n_rows % BLOCK_ROWS != 0
     for col in range(col_lo, col_hi, width):
         n_cols = min(width, col_hi - col)
         panel = panels[col // width]
         prefetch_address = 0
-        if prefetch and row_hi - row_lo > BLOCK_ROWS:
+        if prefetch and n_rows > BLOCK_ROWS:
             if col + width < col_hi:
                 prefetch_address = row_address(panels[col // width + 1], k_lo - panels_first_k)
             else:
                 prefetch_address = following
-        depth = STREAM_CHUNK if in_chunks else max(1, k_hi - k_lo)
+        depth = STREAM_CHUNK if chunked else max(1, k_hi - k_lo)
         for chunk in range(max(1, (k_hi - k_lo + depth - 1) // depth)):
             chunk_lo = k_lo + chunk * depth
             chunk_prefetch = prefetch_address

@@ -1,11 +1,11 @@
 """Bit-identical reruns, thread-count independence, concurrent callers."""
 import threading
 
-import numba
 import numpy as np
 import pytest
 
-from helpers import assert_matches_reference, compiled_backends, random_problem, run
+from helpers import (assert_matches_reference, compiled_backends, numba_threads, random_problem,
+                     run)
 
 SHAPE = (6, 10, 7, 37)
 
@@ -27,14 +27,10 @@ def test_reruns_are_bit_identical(backend, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_and_two_threads_agree(backend, dtype):
     problem = random_problem(*SHAPE, dtype, np.random.default_rng(32))
-    default = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    with numba_threads(1):
         single = run(problem, backend)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    with numba_threads(2):
         double = run(problem, backend)
-    finally:
-        numba.set_num_threads(default)
     for name, value in single.items():
         np.testing.assert_allclose(double[name], value, rtol=0,
                                    atol=1e-6 * max(1.0, np.max(np.abs(value))), err_msg=name)

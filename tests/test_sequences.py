@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import numba
 from numba import njit
 
 import nblstm
-from helpers import TOLERANCE, as_float64, compiled_backends, random_problem, relative_error
+from helpers import (TOLERANCE, as_float64, compiled_backends, numba_threads, random_problem,
+                     relative_error)
 from nblstm.kernels import cpu, gemm
 
 DTYPES = [np.float32, np.float64]
@@ -260,7 +260,7 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     # Too few rows a worker for the size of W_h, or W_h past every budget:
     # one team shares each step, each member reading half of W_h.
     for hidden, batch, reads in ((512, 126, 1), (1024, 1000, 3), (256, 6, 0),
-                                   (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1, 0)):
+                                 (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1, 0)):
         _, bounds = teams(1, np.full(batch, 7), hidden, 2)
         np.testing.assert_array_equal(bounds, [[0, 1, batch, reads]])
     # Rows split where the steps they run balance, not where their count does.
@@ -343,14 +343,10 @@ def test_chunked_loops_sum_the_same_at_every_thread_count(dtype, monkeypatch):
     x = rng.standard_normal((steps, batch, 7)).astype(dtype)
     dy = rng.standard_normal((steps, batch, hidden)).astype(dtype)
     lengths = rng.integers(1, steps + 1, batch)
-    default = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    with numba_threads(1):
         single = run_layer(lstm, x, lengths, None, dy, None)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    with numba_threads(2):
         double = run_layer(lstm, x, lengths, None, dy, None)
-    finally:
-        numba.set_num_threads(default)
     for name, value in single.items():
         np.testing.assert_array_equal(double[name], value, err_msg=name)
 
