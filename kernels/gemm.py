@@ -37,13 +37,12 @@ K_UNROLL = 4
 #: Independent accumulator chains that keep the FMA pipelines busy; blocks
 #: with fewer accumulators than this split ``k`` into interleaved partial sums.
 MIN_CHAINS = 8
-#: Cache lines of the following panel that a block short of BLOCK_ROWS rows
-#: prefetches per value of k, when asked to (:func:`product_tile`): a quarter
-#: of a panel over the block's k loop (a panel row is BLOCK_VECTORS = 4
-#: lines). Measured on a 2-core AVX-512 machine, forward time loops alone at
-#: B=8 (a 6-row and a 2-row block), against no prefetch: 1 line f64 H=1024
-#: 1.040-1.052x in three runs, f32 H=1024 1.03x; 2 lines f64 H=1024 1.04x;
-#: 4 lines 0.92x.
+#: Cache lines of the following panel that a block prefetches per value of
+#: k, when asked to (:func:`product_tile`): a quarter of a panel over the
+#: block's k loop (a panel row is BLOCK_VECTORS = 4 lines). Measured on a
+#: 2-core AVX-512 machine, forward time loops alone at B=8 (a 6-row and a
+#: 2-row block), against no prefetch: 1 line f64 H=1024 1.040-1.052x in
+#: three runs, f32 H=1024 1.03x; 2 lines f64 H=1024 1.04x; 4 lines 0.92x.
 PREFETCH_LINES_PER_K = 1
 CACHE_LINE_BYTES = 64
 #: ``llvm.prefetch`` locality 2: into L2 and the caches below it (``prefetcht1``).
@@ -85,6 +84,10 @@ BLOCK_ROWS = 6
 #: AVX-512 machine, 6 x 4 blocks ran the 2048^3 f32 product at 285-294 GFLOP/s
 #: where 12 x 2 blocks (pointers spilled) ran it at 250-270.
 BLOCK_VECTORS = 4 if VECTOR_BYTES == 64 else 2
+#: Shares of PREFETCH_LINES_PER_K lines per k that make up a whole panel:
+#: the blocks after a panel's first prefetch one share of the following
+#: panel each, until it is covered.
+PREFETCH_SHARES = BLOCK_VECTORS * VECTOR_BYTES // (PREFETCH_LINES_PER_K * CACHE_LINE_BYTES)
 assert BLOCK_ROWS * BLOCK_VECTORS + BLOCK_VECTORS + 1 <= (
     WIDE_REGISTERS if VECTOR_BYTES == 64 else NARROW_REGISTERS), "the block fits the registers"
 
@@ -373,21 +376,18 @@ def _emit_block(n_rows, context, builder, arg_types, args):
         _emit_store(emit, sums, out_rows, masks, accumulate)
 
     # Full blocks load and store whole vectors; the last block of a row may be
-    # narrower and masks its lanes. Full-width blocks short of BLOCK_ROWS rows
-    # have a second loop that prefetches, run when given an address.
+    # narrower and masks its lanes. Full-width blocks have a second loop that
+    # prefetches, run when given an address.
     full = builder.icmp_signed("==", n_cols, ir.Constant(i64, BLOCK_VECTORS * emit.lanes))
     with builder.if_else(full) as (full_block, partial_block):
         with full_block:
-            if n_rows < BLOCK_ROWS:
-                prefetching = builder.icmp_signed("!=", prefetch_address, ir.Constant(i64, 0))
-                with builder.if_else(prefetching) as (prefetching_block, plain_block):
-                    with prefetching_block:
-                        block([None] * BLOCK_VECTORS,
-                              builder.inttoptr(prefetch_address, emit.byte_ptr))
-                    with plain_block:
-                        block([None] * BLOCK_VECTORS)
-            else:
-                block([None] * BLOCK_VECTORS)
+            prefetching = builder.icmp_signed("!=", prefetch_address, ir.Constant(i64, 0))
+            with builder.if_else(prefetching) as (prefetching_block, plain_block):
+                with prefetching_block:
+                    block([None] * BLOCK_VECTORS,
+                          builder.inttoptr(prefetch_address, emit.byte_ptr))
+                with plain_block:
+                    block([None] * BLOCK_VECTORS)
         with partial_block:
             block([emit.lane_mask(n_cols, v * emit.lanes) for v in range(BLOCK_VECTORS)])
 
@@ -424,8 +424,8 @@ def register_block(typingctx, count, a, a_rows, out_rows, first, panel, panel_fi
     a: (R, K) float; a_rows, out_rows: (M,) int; panel: (K', W) float, its row
     k - p holding row k of b for k in [k_lo, k_hi), W = block_columns; out:
     (S, N) float; n_cols <= W. prefetch_address: 0, or the byte address from
-    which a block of fewer than BLOCK_ROWS rows and W columns prefetches
-    PREFETCH_LINES_PER_K cache lines per value of k (other blocks ignore it).
+    which a block of W columns prefetches PREFETCH_LINES_PER_K cache lines per
+    value of k (narrower blocks ignore it).
     """
     arrays = (a, panel, out)
     if not all(isinstance(array, types.Array) and array.ndim == 2
@@ -512,12 +512,13 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
     a multiple of W.
 
     prefetch: the panels come from memory (they do not stay in cache). More
-    rows than a block then run a panel as full blocks that stream it in and
-    a last, shorter block that reads it again from L2, at few FMAs per load,
-    while memory would sit idle; that block prefetches the start of the
-    panel read next instead (:data:`PREFETCH_LINES_PER_K`): the next panel
-    here, after the last one ``following``, the byte address of the caller's
-    next panel (row k_lo), or 0 for none.
+    rows than a block then run a panel as a first block that streams it in
+    and further blocks that read it again from L2, while memory would sit
+    idle; each of these prefetches a share of the panel read next instead
+    (:data:`PREFETCH_LINES_PER_K` lines per k, the i-th block after the first
+    the i-th share, up to :data:`PREFETCH_SHARES`): the next panel here,
+    after the last one ``following``, the byte address of the caller's next
+    panel (row k_lo), or 0 for none.
 
     in_chunks: the panels come from memory, and no other rows have just read
     them into L2. Where the rows then make full blocks and a short one, each
@@ -540,16 +541,20 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
             else:
                 prefetch_address = following
         depth = STREAM_CHUNK if chunked else max(1, k_hi - k_lo)
+        share_bytes = (k_hi - k_lo) * PREFETCH_LINES_PER_K * CACHE_LINE_BYTES
         for chunk in range(max(1, (k_hi - k_lo + depth - 1) // depth)):
             chunk_lo = k_lo + chunk * depth
-            chunk_prefetch = prefetch_address
-            if prefetch_address != 0:
-                chunk_prefetch += (chunk_lo - k_lo) * PREFETCH_LINES_PER_K * CACHE_LINE_BYTES
             for first in range(row_lo, row_hi, BLOCK_ROWS):
+                share = (first - row_lo) // BLOCK_ROWS - 1
+                block_prefetch = 0
+                if prefetch_address != 0 and 0 <= share < PREFETCH_SHARES:
+                    block_prefetch = (prefetch_address + share * share_bytes
+                                      + (chunk_lo - k_lo) * PREFETCH_LINES_PER_K
+                                      * CACHE_LINE_BYTES)
                 register_block(min(BLOCK_ROWS, row_hi - first), a, a_rows, out_rows, first,
                                panel, panels_first_k, chunk_lo, min(chunk_lo + depth, k_hi),
                                out_col + col, n_cols, out, accumulate or chunk_lo > k_lo,
-                               chunk_prefetch)
+                               block_prefetch)
 
 
 @njit(inline="always")

@@ -134,10 +134,12 @@ def test_product_tile_reads_and_writes_different_row_lists(dtype, contiguous):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_rows", [gemm.BLOCK_ROWS + 1, 2 * gemm.BLOCK_ROWS - 1])
+@pytest.mark.parametrize("n_rows", [gemm.BLOCK_ROWS + 1, 2 * gemm.BLOCK_ROWS - 1,
+                                    3 * gemm.BLOCK_ROWS + 2, 4 * gemm.BLOCK_ROWS])
 def test_product_tile_prefetching_changes_no_value(dtype, n_rows):
-    """Prefetching the next panel (the blocks short of BLOCK_ROWS rows, over
-    several panels, the last a ragged one) sums exactly as without it."""
+    """Prefetching the next panel (a share of it in each block after a
+    panel's first, full or short, over several panels, the last a ragged
+    one) sums exactly as without it."""
     rng = np.random.default_rng(n_rows)
     width = gemm.block_columns(np.dtype(dtype))
     n_cols = 2 * width + 5

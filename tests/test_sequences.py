@@ -239,41 +239,52 @@ def test_layer_rejects_bad_arguments():
 
 def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers
-    (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3), and
-    how they read W_h (column 3, flags: 1 where a member's share is past 1
-    MiB, 2 where W_h is past 4 MiB, two L2s)."""
+    (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3, 512
+    KiB a tile), and how they read W_h (column 3, flags: 1 where a member's
+    share is past 1 MiB, 2 where W_h is past 4 MiB, two L2s, 4 where two
+    tiles' slices of W_h fit in 1 MiB)."""
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 20)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 2 ** 22)
     monkeypatch.setattr(cpu, "MIN_CHUNKED_WEIGHT_BYTES", 2 ** 22)
+    monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 2 ** 19)
     f32_bytes = np.dtype(np.float32).itemsize
 
     def teams(n_dirs, lengths, hidden, n_workers):
         return cpu._teams(n_dirs, lengths, hidden, f32_bytes, n_workers, cpu._team_budgets())
 
+    def fits(hidden):
+        """The SLICES_FIT flag for ``hidden``: the tile's units depend on the
+        panel width, which depends on the host's vectors."""
+        units = _tile_units(hidden, f32_bytes, cpu._team_budgets())
+        return cpu.SLICES_FIT if 2 * 4 * hidden * units * f32_bytes <= 2 ** 20 else 0
+
+    # 64 units of H=512 are a 512 KiB slice: two fit in 1 MiB. H=1024 fits
+    # only where the panels are narrower than 64 units (no AVX-512).
+    assert fits(128) == fits(256) == fits(512) == cpu.SLICES_FIT
     full = np.full(32, 7)
     rows, bounds = teams(1, full, 128, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 16, 0], [0, 1, 16, 0]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 16, 4], [0, 1, 16, 4]])
     np.testing.assert_array_equal(rows[1, :16], np.arange(16, 32))
     # A W_h of 4 MiB splits only with 64 rows a worker, each reading all of it.
     _, bounds = teams(1, np.full(128, 7), 512, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 64, 1], [0, 1, 64, 1]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 64, 5], [0, 1, 64, 5]])
     # Too few rows a worker for the size of W_h, or W_h past every budget:
     # one team shares each step, each member reading half of W_h.
     for hidden, batch, reads in ((512, 126, 1), (1024, 1000, 3), (256, 6, 0),
                                  (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1, 0)):
         _, bounds = teams(1, np.full(batch, 7), hidden, 2)
-        np.testing.assert_array_equal(bounds, [[0, 1, batch, reads]])
+        np.testing.assert_array_equal(bounds, [[0, 1, batch, reads | fits(hidden)]])
     # Rows split where the steps they run balance, not where their count does.
     lengths = np.array([1] * 12 + [10] * 4)
     _, bounds = teams(1, lengths, 64, 2)
     assert bounds[0, 2] > bounds[1, 2] and bounds[:, 2].sum() == 16
     # Two directions, two workers: a direction each, whatever the sizes.
     _, bounds = teams(2, np.full(3, 7), 1024, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 3, 3], [1, 2, 3, 3]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 3, 3 | fits(1024)], [1, 2, 3, 3 | fits(1024)]])
     _, bounds = teams(2, np.full(3, 7), 1024, 3)
-    np.testing.assert_array_equal(bounds, [[0, 2, 3, 3]])
+    np.testing.assert_array_equal(bounds, [[0, 2, 3, 3 | fits(1024)]])
     _, bounds = teams(2, np.full(3, 7), 256, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 3, 0], [1, 2, 3, 0]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 3, 4], [1, 2, 3, 4]])
 
 
 @njit
