@@ -278,28 +278,40 @@ def _next_gate_panel(w_h_panels, gate, unit_lo, after_last):
 
 
 @njit(inline="always")
-def _next_unit_panel(panels, unit_lo, tile_units, order, hidden, n_row_tiles, slices_fit):
+def _next_unit_panel(panels, unit_lo, tile_units, hidden, order):
     """Byte address of the first panel of the unit tile after the one at
     ``unit_lo`` in the claim order of step ``order`` (:func:`_claim_in_order`:
     rising units on even steps, falling on odd ones), which the worker most
     likely reads next; 0 past the last unit or the first.
-
-    Also 0 where the step has several row tiles and two tiles' slices of W_h
-    do not fit beside each other in L2 (``slices_fit``): the step's other row
-    tiles read the current slice again, and the next one would evict it.
-    Measured on a 2-core AVX-512 machine, time loops alone, against no
-    prefetch of the next unit tile: backward f64 H=512 B=32 1.042x, B=128
-    1.039x, f32 H=512 B=32 1.032x, f64 H=1024 B=8 1.014x; forward 1.015-1.030x
-    there and f32 H=1024 B=8 1.077x. Where the slices do not fit (f32
-    H=1024, 1 MiB a slice), backward B=32 0.987x, B=128 0.952x.
     panels: (ceil(H / W), K, W), a gate's panels of W_h or those of W_h^T.
     """
-    if n_row_tiles > 1 and not slices_fit:
-        return 0
     unit = unit_lo + tile_units if order % 2 == 0 else unit_lo - tile_units
     if unit < 0 or unit >= hidden:
         return 0
     return row_address(panels[unit // panels.shape[2]], 0)
+
+
+@njit(inline="always")
+def _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, order):
+    """Whether a time-loop tile whose rows start at ``row_lo`` prefetches the
+    next unit tile's W_h (:func:`_next_unit_panel`) at step ``order``: where
+    two tiles' slices of W_h fit beside each other in L2 (``slices_fit``), or
+    where it is the last of its units' row tiles in the claim order (the
+    highest on even steps, the lowest on odd ones), after which no tile reads
+    the current slice again this step; otherwise the next slice would evict
+    the current one before the other row tiles read it.
+
+    Measured on a 2-core AVX-512 machine, time loops alone, against no
+    prefetch of the next unit tile: where the slices fit, backward f64 H=512
+    B=32 1.042x, B=128 1.039x, f32 H=512 B=32 1.032x, f64 H=1024 B=8 (one row
+    tile) 1.014x; forward 1.015-1.030x there and f32 H=1024 B=8 1.077x. In
+    every row tile where they do not (f32 H=1024, 1 MiB a slice): backward
+    B=32 0.987x, B=128 0.952x; in the last row tile only, against no
+    prefetch: f32 H=1024 B=128 1.025x backward, 1.027x forward, B=32 1.035x
+    and 1.016x, f64 H=1024 B=32 1.003x and 1.021x.
+    """
+    last = n_row_tiles - 1 if order % 2 == 0 else 0
+    return slices_fit or row_lo // ROWS_PER_TILE == last
 
 
 @njit(inline="always")
@@ -376,8 +388,10 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden)
                 d += d_lo
                 h_prev = h_ring[d, prev]
-                next_unit = _next_unit_panel(w_h_panels[d, 0], unit_lo, tile_units, step, hidden,
-                                             n_row_tiles, slices_fit)
+                next_unit = 0
+                if _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, step):
+                    next_unit = _next_unit_panel(w_h_panels[d, 0], unit_lo, tile_units, hidden,
+                                                 step)
                 for gate in range(N_GATES):
                     product_tile(h_prev, rows_running, rows_gate[d], row_lo, row_hi,
                                  w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
@@ -453,13 +467,14 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                     tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden)
                 d += d_lo
                 if step + 1 < steps:
+                    next_unit = 0
+                    if _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, order):
+                        next_unit = _next_unit_panel(w_h_t_panels[d], unit_lo, tile_units,
+                                                     hidden, order)
                     product_tile(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
                                  rows_running, row_lo, row_hi, w_h_t_panels[d], 0, four_hidden,
                                  unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False,
-                                 0, streams,
-                                 _next_unit_panel(w_h_t_panels[d], unit_lo, tile_units, order,
-                                                  hidden, n_row_tiles, slices_fit),
-                                 _reads_in_chunks(in_chunks, n_row_tiles))
+                                 0, streams, next_unit, _reads_in_chunks(in_chunks, n_row_tiles))
                 if step >= 0:
                     n_units = unit_hi - unit_lo
                     dh = _segment(row_scratch, _DH, n_units)
@@ -819,8 +834,8 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     (:data:`MIN_CHUNKED_WEIGHT_BYTES`) and than every budget for which rows
     split into teams, so that the time loops read it in chunks of k
     (:func:`_reads_in_chunks`); :data:`SLICES_FIT` where two time-loop tiles'
-    slices of W_h (:func:`_tile_units`) fit in ``budgets[1]``, so that a tile
-    may prefetch the next one's (:func:`_next_unit_panel`).
+    slices of W_h (:func:`_tile_units`) fit in ``budgets[1]``, so that every
+    tile may prefetch the next one's (:func:`_prefetches_next_unit`).
     """
     batch = lengths.shape[0]
     if n_workers % n_dirs:

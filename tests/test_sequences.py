@@ -311,16 +311,18 @@ def test_tiles_take_fewer_units_where_their_slice_of_w_h_is_large(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, monkeypatch):
+@pytest.mark.parametrize("batch", [9, cpu.ROWS_PER_TILE + 9])
+def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, batch, monkeypatch):
     """The time loops with the fewest units a tile can take (one panel of W),
     over a hidden size of several such tiles, the last one ragged; with W_h
-    taken to be too large for L2, so that the short blocks (9 rows: 6 + 3)
-    prefetch the next gate's panel, and both loops run their products in
-    chunks of k."""
+    taken to be too large for L2, so that the blocks after a panel's first
+    prefetch the next gate's panel or the next unit tile's, in one row tile
+    (9 rows: 6 + 3), whose products run in chunks of k, or in the last of
+    two."""
     _take_w_h_past_every_budget(monkeypatch)
     width = gemm.block_columns(np.dtype(dtype))
     rng = np.random.default_rng(29)
-    steps, batch = 4, 9
+    steps = 4
     lstm, reference = twin_layers(backend, dtype, input_size=7, hidden_size=2 * width + 5,
                                   bidirectional=True)
     assert_random_run_matches_reference(lstm, reference, rng, steps, batch,
