@@ -511,14 +511,14 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
     panels_first_k + K') of it; out: (S, N'), rows contiguous. col_lo must be
     a multiple of W.
 
-    prefetch: the panels come from memory (they do not stay in cache). More
-    rows than a block then run a panel as a first block that streams it in
-    and further blocks that read it again from L2, while memory would sit
-    idle; each of these prefetches a share of the panel read next instead
-    (:data:`PREFETCH_LINES_PER_K` lines per k, the i-th block after the first
-    the i-th share, up to :data:`PREFETCH_SHARES`): the next panel here,
-    after the last one ``following``, the byte address of the caller's next
-    panel (row k_lo), or 0 for none.
+    prefetch: the panels come from beyond L2 (they do not stay in the core's
+    caches). More rows than a block then run a panel as a first block that
+    streams it in and further blocks that read it again from L2, while
+    memory would sit idle; each of these prefetches a share of the panel
+    read next instead (:data:`PREFETCH_LINES_PER_K` lines per k, the i-th
+    block after the first the i-th share, up to :data:`PREFETCH_SHARES`): the
+    next panel here, after the last one ``following``, the byte address of
+    the caller's next panel (its first row to be read), or 0 for none.
 
     in_chunks: the panels come from memory, and no other rows have just read
     them into L2. Where the rows then make full blocks and a short one, each
@@ -905,6 +905,15 @@ def matmul(a, panels, rows, out, accumulate, bias):
     out: (R, N), rows contiguous, other rows untouched; bias: (N,), or (0,)
     for none, added to each row once its product is complete. Each element
     sums over k in increasing order, whatever the tiling or thread count.
+
+    The row blocks after a panel's first prefetch the next panel's depth
+    chunk (:func:`product_tile`'s ``prefetch``), and those of the tile's last
+    panel the first one's next chunk, so that each panel chunk is in L2
+    before its first block runs. Measured on a 2-core AVX-512 machine,
+    products alone, against no prefetch: f32 (12800 x 1024) @ (1024 x 4096)
+    1.065x, (12800 x 4096) @ (4096 x 1024) 1.085x, (1024 x 12800) @ (12800 x
+    4096) 1.107x, 800 and 3200 rows 1.02-1.05x; f64 1.05-1.07x on the same
+    shapes; f32 at H=256 (W_x 1 MiB, in L2) 0.99-1.01x.
     """
     n_rows, n_cols, depth = rows.shape[0], out.shape[1], a.shape[1]
     tall = depth * TILE_COLS * out.itemsize > TALL_TILE_B_BYTES
@@ -934,8 +943,11 @@ def matmul(a, panels, rows, out, accumulate, bias):
             col_lo = (tile % n_col_tiles) * tile_cols
         row_hi, col_hi = min(row_lo + tile_rows, n_rows), min(col_lo + tile_cols, n_cols)
         for k_lo in range(0, max(depth, 1), TILE_DEPTH):
-            product_tile(a, rows, rows, row_lo, row_hi, panels, k_lo, min(k_lo + TILE_DEPTH, depth),
-                         col_lo, col_hi, out, 0, accumulate or k_lo > 0)
+            k_hi = min(k_lo + TILE_DEPTH, depth)
+            # After the tile's last panel, its first panel's next depth chunk.
+            following = row_address(panels[col_lo // panels.shape[2]], k_hi) if k_hi < depth else 0
+            product_tile(a, rows, rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out, 0,
+                         accumulate or k_lo > 0, 0, True, following)
         if bias.shape[0] > 0:
             tile_bias = bias[col_lo:col_hi]
             for n in range(row_lo, row_hi):
