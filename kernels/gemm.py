@@ -739,6 +739,18 @@ MADV_HUGEPAGE = 14
 #: Arrays from this size up are advised to use huge pages, as NumPy advises
 #: its own allocations (its threshold too).
 HUGE_PAGE_MIN_BYTES = 4 * 2 ** 20
+#: ...and only up to this size. The largest arrays the drivers return, the
+#: saved gates of a training pass (T * B * 4H values), ran slower in huge
+#: pages: their first touch is faster, but the time loop that then reads and
+#: writes them was slower by more (f32 H=1024 B=128: loop 573 ms against 460
+#: ms in 4 KiB pages, projection 347 against 368 ms). Measured on a 2-core
+#: AVX-512 KVM guest, whole fwd+bwd calls interleaved, without the advice
+#: against with it: gates of 210 MB (f32 H=1024 B=128, f64 H=512 B=128)
+#: 1.10-1.17x, 420 MB (f64 H=1024 B=128) 1.13x; of 52 MB 0.95-1.00x (f32
+#: H=256 B=128, f64 H=512 B=32, H=256 B=128), 26 MB (f64 H=1024 B=8)
+#: 0.94-0.98x. The cause was not found; the cap sits between the sizes
+#: measured on either side.
+HUGE_PAGE_MAX_BYTES = 128 * 2 ** 20
 #: Bytes of a base page, the granularity ``madvise`` takes.
 PAGE_BYTES = 4096
 #: Only Linux knows MADV_HUGEPAGE; elsewhere large arrays stay as allocated.
@@ -778,10 +790,11 @@ def _advise_huge_pages(address, n_bytes):
     4 KiB page costs a page fault on first touch; NumPy advises huge pages for
     its own large arrays, and compiled code did not. Measured on a 2-core
     machine: touching a fresh 210 MB array took 88 ms from compiled code and
-    28 ms from NumPy. A failed advice (huge pages off) changes nothing, and
-    off Linux :func:`_madvise` is no call at all.
+    28 ms from NumPy. Only arrays of HUGE_PAGE_MIN_BYTES to
+    HUGE_PAGE_MAX_BYTES are advised (see there). A failed advice (huge pages
+    off) changes nothing, and off Linux :func:`_madvise` is no call at all.
     """
-    if n_bytes >= HUGE_PAGE_MIN_BYTES:
+    if HUGE_PAGE_MIN_BYTES <= n_bytes <= HUGE_PAGE_MAX_BYTES:
         first = (address + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES
         last = (address + n_bytes) // PAGE_BYTES * PAGE_BYTES
         _madvise(first, last - first, MADV_HUGEPAGE)
@@ -791,8 +804,8 @@ def _advise_huge_pages(address, n_bytes):
 def aligned_like(like, shape):
     """An uninitialized C-contiguous array of ``shape`` (a tuple of one
     integer type) and of ``like``'s dtype, starting on a cache line, in huge
-    pages when it is large (:func:`_advise_huge_pages`); for compiled code,
-    which allocates every array the CPU drivers return."""
+    pages when it is large, up to a limit (:func:`_advise_huge_pages`); for
+    compiled code, which allocates every array the CPU drivers return."""
     n_items = 1
     for extent in shape:
         n_items *= extent

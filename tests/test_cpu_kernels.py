@@ -266,13 +266,17 @@ def _filled_aligned(like, n_rows, n_cols):
     return array
 
 
-@pytest.mark.parametrize("n_rows", [3, 2049], ids=["small", "huge-page-advised"])
+@pytest.mark.parametrize("n_rows", [3, 2049, 33000],
+                         ids=["small", "huge-page-advised", "past-the-advice"])
 def test_compiled_allocations_are_aligned_and_whole(n_rows):
-    """Large arrays allocated in compiled code are advised into huge pages
-    (``madvise``); the advice must leave them whole and aligned."""
+    """Large arrays allocated in compiled code, up to a limit, are advised
+    into huge pages (``madvise``); the advice must leave them whole and
+    aligned, as must its absence."""
     like = np.zeros(1, np.float32)
     array = _filled_aligned(like, n_rows, 1024)
-    assert (array.nbytes >= gemm.HUGE_PAGE_MIN_BYTES) == (n_rows > 3)
+    advised = gemm.HUGE_PAGE_MIN_BYTES <= array.nbytes <= gemm.HUGE_PAGE_MAX_BYTES
+    assert advised == (n_rows == 2049)
+    assert (array.nbytes > gemm.HUGE_PAGE_MAX_BYTES) == (n_rows == 33000)
     assert array.ctypes.data % gemm.ALIGNMENT == 0 and array.flags.c_contiguous
     expected = np.arange(n_rows, dtype=np.float32)[:, None] - np.arange(1024, dtype=np.float32)
     np.testing.assert_array_equal(array, expected)
