@@ -779,9 +779,9 @@ MAX_TILE_WEIGHT_BYTES = _core_cache_bytes() // 4
 #: backward 0.85x; 4 MiB (f64 H=512) backward 1.05x, forward 1.01x; 8 MiB
 #: (f32 H=1024) 1.14x, 1.02x; 16 MiB (f64 H=1024) 1.16x, 1.03-1.06x.
 #: Forward gains less: without chunks, its blocks after the first already
-#: prefetch the next gate's panel while they read the current one from L2. Chunks round
-#: differently, so the rule looks at the size of W_h, never at the share:
-#: the sums stay the same at every thread count. (Nor does a W_h past every
+#: prefetch the next gate's panel while they read the current one from L2.
+#: Chunks round differently, so the rule looks at the size of W_h, never at
+#: the share: the sums stay the same at every thread count. (Nor does a W_h past every
 #: team budget ever split rows into teams, whose tiles would chunk by their
 #: own row counts: :func:`_teams` chunks only past those budgets too.)
 MIN_CHUNKED_WEIGHT_BYTES = 2 * _core_cache_bytes()
