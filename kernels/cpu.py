@@ -266,6 +266,13 @@ def _team_of(worker, n_workers, team_rows, team_bounds):
 
 
 @njit(inline="always")
+def _unit_panel(panels, unit):
+    """Byte address of the first row of the panel holding hidden unit ``unit``.
+    panels: (ceil(H / W), K, W), a gate's panels of W_h or those of W_h^T."""
+    return row_address(panels[unit // panels.shape[2]], 0)
+
+
+@njit(inline="always")
 def _next_gate_panel(w_h_panels, gate, unit_lo, after_last):
     """Byte address of the panel of W_h that a forward tile starting at unit
     ``unit_lo`` reads after its last one of ``gate``: the next gate's first;
@@ -273,22 +280,22 @@ def _next_gate_panel(w_h_panels, gate, unit_lo, after_last):
     w_h_panels: (4, ceil(H / W), H, W) one direction's."""
     if gate + 1 == N_GATES:
         return after_last
-    panels = w_h_panels[gate + 1]
-    return row_address(panels[unit_lo // panels.shape[2]], 0)
+    return _unit_panel(w_h_panels[gate + 1], unit_lo)
 
 
 @njit(inline="always")
-def _next_unit_panel(panels, unit_lo, tile_units, hidden, order):
+def _next_unit_panel(panels, unit_lo, tile_units, hidden, order, wanted):
     """Byte address of the first panel of the unit tile after the one at
     ``unit_lo`` in the claim order of step ``order`` (:func:`_claim_in_order`:
     rising units on even steps, falling on odd ones), which the worker most
-    likely reads next; 0 past the last unit or the first.
+    likely reads next; 0 past the last unit or the first, or where not
+    ``wanted`` (:func:`_prefetches_next_unit`).
     panels: (ceil(H / W), K, W), a gate's panels of W_h or those of W_h^T.
     """
     unit = unit_lo + tile_units if order % 2 == 0 else unit_lo - tile_units
-    if unit < 0 or unit >= hidden:
+    if not wanted or unit < 0 or unit >= hidden:
         return 0
-    return row_address(panels[unit // panels.shape[2]], 0)
+    return _unit_panel(panels, unit)
 
 
 @njit(inline="always")
@@ -388,10 +395,9 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden)
                 d += d_lo
                 h_prev = h_ring[d, prev]
-                next_unit = 0
-                if _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, step):
-                    next_unit = _next_unit_panel(w_h_panels[d, 0], unit_lo, tile_units, hidden,
-                                                 step)
+                next_unit = _next_unit_panel(
+                    w_h_panels[d, 0], unit_lo, tile_units, hidden, step,
+                    _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, step))
                 for gate in range(N_GATES):
                     product_tile(h_prev, rows_running, rows_gate[d], row_lo, row_hi,
                                  w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
@@ -467,10 +473,9 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                     tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden)
                 d += d_lo
                 if step + 1 < steps:
-                    next_unit = 0
-                    if _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, order):
-                        next_unit = _next_unit_panel(w_h_t_panels[d], unit_lo, tile_units,
-                                                     hidden, order)
+                    next_unit = _next_unit_panel(
+                        w_h_t_panels[d], unit_lo, tile_units, hidden, order,
+                        _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, order))
                     product_tile(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
                                  rows_running, row_lo, row_hi, w_h_t_panels[d], 0, four_hidden,
                                  unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False,
@@ -781,9 +786,10 @@ MAX_TILE_WEIGHT_BYTES = _core_cache_bytes() // 4
 #: Forward gains less: without chunks, its blocks after the first already
 #: prefetch the next gate's panel while they read the current one from L2.
 #: Chunks round differently, so the rule looks at the size of W_h, never at
-#: the share: the sums stay the same at every thread count. (Nor does a W_h past every
-#: team budget ever split rows into teams, whose tiles would chunk by their
-#: own row counts: :func:`_teams` chunks only past those budgets too.)
+#: the share: the sums stay the same at every thread count. (Nor does a W_h
+#: past every team budget ever split rows into teams, whose tiles would chunk
+#: by their own row counts: :func:`_teams` chunks only past those budgets
+#: too.)
 MIN_CHUNKED_WEIGHT_BYTES = 2 * _core_cache_bytes()
 #: Flags of team_bounds[t, 3] (:func:`_teams`): the members' W_h streams from
 #: memory; the time loops read it in chunks; two tiles' slices of it fit

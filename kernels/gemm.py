@@ -531,6 +531,9 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
     width = panels.shape[2]
     n_rows = row_hi - row_lo
     chunked = in_chunks and n_rows > BLOCK_ROWS and n_rows % BLOCK_ROWS != 0
+    depth = STREAM_CHUNK if chunked else max(1, k_hi - k_lo)
+    prefetch_bytes_per_k = PREFETCH_LINES_PER_K * CACHE_LINE_BYTES
+    share_bytes = (k_hi - k_lo) * prefetch_bytes_per_k
     for col in range(col_lo, col_hi, width):
         n_cols = min(width, col_hi - col)
         panel = panels[col // width]
@@ -540,17 +543,14 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
                 prefetch_address = row_address(panels[col // width + 1], k_lo - panels_first_k)
             else:
                 prefetch_address = following
-        depth = STREAM_CHUNK if chunked else max(1, k_hi - k_lo)
-        share_bytes = (k_hi - k_lo) * PREFETCH_LINES_PER_K * CACHE_LINE_BYTES
         for chunk in range(max(1, (k_hi - k_lo + depth - 1) // depth)):
             chunk_lo = k_lo + chunk * depth
+            chunk_prefetch = prefetch_address + (chunk_lo - k_lo) * prefetch_bytes_per_k
             for first in range(row_lo, row_hi, BLOCK_ROWS):
                 share = (first - row_lo) // BLOCK_ROWS - 1
                 block_prefetch = 0
                 if prefetch_address != 0 and 0 <= share < PREFETCH_SHARES:
-                    block_prefetch = (prefetch_address + share * share_bytes
-                                      + (chunk_lo - k_lo) * PREFETCH_LINES_PER_K
-                                      * CACHE_LINE_BYTES)
+                    block_prefetch = chunk_prefetch + share * share_bytes
                 register_block(min(BLOCK_ROWS, row_hi - first), a, a_rows, out_rows, first,
                                panel, panels_first_k, chunk_lo, min(chunk_lo + depth, k_hi),
                                out_col + col, n_cols, out, accumulate or chunk_lo > k_lo,
