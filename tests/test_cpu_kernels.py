@@ -160,6 +160,17 @@ def test_product_tile_prefetching_changes_no_value(dtype, n_rows):
     assert_product_close(prefetching, a.astype(np.float64) @ b, 33, dtype)
 
 
+@pytest.mark.parametrize("n_rows, balanced, blocks", [
+    (8, True, [4, 4]), (7, True, [4, 3]), (20, True, [6, 6, 4, 4]), (9, True, [6, 3]),
+    (24, True, [6, 6, 6, 6]), (2, True, [2]), (8, False, [6, 2])])
+def test_a_short_last_block_shares_the_rows_of_the_full_one_before_it(n_rows, balanced, blocks):
+    assert gemm.BLOCK_ROWS == 6 and gemm.SHORT_BLOCK_ROWS == 3, "the cases below assume these"
+    counts = []
+    while sum(counts) < n_rows:
+        counts.append(gemm._block_rows(n_rows - sum(counts), balanced))
+    assert counts == blocks
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("prefetch", [False, True])
