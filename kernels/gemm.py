@@ -502,7 +502,7 @@ def transpose_square(typingctx, matrix, row, col, out, out_row, out_col):
 #: Rows left over after the full blocks that are too few for a block of their
 #: own: below this many, the last full block and they run as two blocks of
 #: about half the rows (8 rows as 4 + 4, 7 as 4 + 3, not 6 + 2 or 6 + 1),
-#: unless the product runs in chunks. A block of 1-2 rows does a quarter or
+#: unless the product runs in chunks. A block of 1 or 2 rows does a sixth or
 #: a third of a full block's FMAs per panel row it loads, and so waits on L2
 #: when it reads the panel from there; two half blocks do not. In chunks it
 #: reads L1, and the full block streams the panel from memory at more FMAs
