@@ -5,7 +5,7 @@ import pytest
 from numba import njit, prange
 
 from nblstm.kernels import sync
-from nblstm.kernels.cpu import _claim_in_order
+from nblstm.kernels.cpu import ROWS_PER_TILE, _claim_in_order, _tile_bounds
 
 N_TASKS = 7
 N_STEPS = 300
@@ -65,3 +65,28 @@ def test_every_task_runs_once_per_step_after_the_previous_step(runner):
     # Every task of step s > 0 saw all N_TASKS tasks of step s - 1 counted.
     np.testing.assert_array_equal(order[1:], N_TASKS)
     np.testing.assert_array_equal(done[::sync.SLOT_STRIDE], N_TASKS)
+
+
+@pytest.mark.parametrize("step", [0, 1, 2, 3])
+def test_a_step_covers_every_tile_and_runs_each_short_row_tile_last(step):
+    """One worker claiming a step's tiles in the loops' order (rising on even
+    steps, falling on odd ones) meets every (direction, rows, units) tile
+    once, and within each unit tile runs the short last row tile last."""
+    n_dirs, n_rows, hidden, tile_units = 2, 2 * ROWS_PER_TILE + 5, 100, 64
+    n_row_tiles, n_unit_tiles = 3, 2
+    n_tiles = n_dirs * n_row_tiles * n_unit_tiles
+    claims, _ = sync.counters(n_tiles, 1)
+    met = []
+    for offset in range(n_tiles):
+        tile = _claim_in_order(claims, step, 0, 1, n_tiles, offset)
+        met.append(_tile_bounds(tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden,
+                                step))
+    expected = {(d, row * ROWS_PER_TILE, min((row + 1) * ROWS_PER_TILE, n_rows),
+                 unit * tile_units, min((unit + 1) * tile_units, hidden))
+                for d in range(n_dirs) for row in range(n_row_tiles)
+                for unit in range(n_unit_tiles)}
+    assert sorted(met) == sorted(expected)
+    for d in range(n_dirs):
+        for unit_lo in (0, tile_units):
+            rows_met = [bounds[1] for bounds in met if bounds[0] == d and bounds[3] == unit_lo]
+            assert rows_met[-1] == (n_row_tiles - 1) * ROWS_PER_TILE
