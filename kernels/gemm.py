@@ -513,6 +513,9 @@ def transpose_square(typingctx, matrix, row, col, out, out_row, out_col):
 #: 1.046x; at B=8, f32 H=512 1.06x / 1.05x; in chunks, f64 H=1024 B=8 1.038x
 #: / 0.966x, f32 0.99x / 0.98x.
 SHORT_BLOCK_ROWS = 3
+assert SHORT_BLOCK_ROWS <= BLOCK_ROWS, (
+    "a balanced split makes two blocks of at most BLOCK_ROWS rows, so a tile still runs "
+    "ceil(rows / BLOCK_ROWS) blocks (product_tile counts them so)")
 
 
 @njit(inline="always")
