@@ -28,10 +28,10 @@ order, so results are bit-identical across reruns and thread counts.
 The callers (``nblstm``) validate the arguments; these functions trust them.
 
 Compiled drivers: :func:`forward` and :func:`backward` only fetch their
-workspace buffers in Python; everything else (allocations, the outputs
-included, the work plan, the padding, the kernel calls) runs in one compiled
-function each
-(:func:`_forward_driver`, :func:`_backward_driver`). Python between parallel
+workspace buffers in Python (and the outputs, where the caller passes an
+allocator of its own); everything else (allocations, the outputs included,
+the work plan, the padding, the kernel calls) runs in one compiled function
+each (:func:`_forward_driver`, :func:`_backward_driver`). Python between parallel
 kernels is slow twice over: each compiled call pays the dispatcher's
 argument checks, and Python run right after a parallel kernel runs several
 times slower than the same code run after more Python, because the kernel
@@ -513,62 +513,96 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
             wait_until_done(done[team], order, n_tiles)
 
 
-def forward(x, w_x, w_h, b, h0, c0, lengths, training):
+def forward(x, w_x, w_h, b, h0, c0, lengths, training, empty=None):
     """Input projections, then the recurrence of every direction.
 
     x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H); b: (D, 4H)
     h0, c0: (D, B, H) contiguous; lengths: (B,) int64
     training: whether to return what backward needs.
+    empty: where y and the saved arrays come from: ``empty(shape, dtype)``,
+    an uninitialized C-contiguous array starting on a cache line (the API
+    passes its recycling pool for large calls); None for fresh memory
+    allocated in compiled code, which costs a small call the least.
 
     Returns ``(y (T, B, D*H), h_n (D, B, H), c_n (D, B, H), saved)``: y zero at
     padded times; saved, when training, ``(gates (D, T, B, 4H), hidden_states
     (D, T+1, B, H), cell_states (D, T+1, B, H))`` for :func:`backward`, else None.
-    The outputs are allocated in compiled code, cache-line aligned.
     """
     steps, batch, _ = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
-    shape = (n_dirs, steps, batch, N_GATES * hidden)
-    gates = _NO_GATES[x.dtype.num] if training else WORKSPACE.empty("gates", shape, x.dtype)
-    w_x_panels = empty_panels((n_dirs, 1) + panel_shape(w_x.shape[1:], x.dtype), x.dtype, "w_x")
-    w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), x.dtype),
-                              x.dtype, "w_h")
+    dtype = x.dtype
+    gates_shape = (n_dirs, steps, batch, N_GATES * hidden)
+    states_shape = (n_dirs, steps + 1, batch, hidden)
+    if empty is None:
+        outputs = _UNALLOCATED[dtype.num][:4]
+    elif training:
+        outputs = (empty((steps, batch, n_dirs * hidden), dtype), empty(gates_shape, dtype),
+                   empty(states_shape, dtype), empty(states_shape, dtype))
+    else:
+        outputs = (empty((steps, batch, n_dirs * hidden), dtype),) + _UNALLOCATED[dtype.num][1:4]
+    if training:
+        inference_gates = _UNALLOCATED[dtype.num][1]
+    else:
+        inference_gates = WORKSPACE.empty("gates", gates_shape, dtype)
+    w_x_panels = empty_panels((n_dirs, 1) + panel_shape(w_x.shape[1:], dtype), dtype, "w_x")
+    w_h_panels = empty_panels((n_dirs, N_GATES) + panel_shape((hidden, hidden), dtype),
+                              dtype, "w_h")
     n_workers = numba.get_num_threads()
-    chunks = empty_panels(packing_scratch_shape(n_workers, x.dtype), x.dtype, "chunks")
+    chunks = empty_panels(packing_scratch_shape(n_workers, dtype), dtype, "chunks")
     y, h_n, c_n, gates, hidden_states, cell_states = _forward_driver(
         x, np.ascontiguousarray(w_x), np.ascontiguousarray(w_h), np.ascontiguousarray(b), h0, c0,
-        lengths, training, (gates, w_x_panels, w_h_panels, chunks), n_workers,
+        lengths, training, outputs, (inference_gates, w_x_panels, w_h_panels, chunks), n_workers,
         _team_budgets())
     return y, h_n, c_n, ((gates, hidden_states, cell_states) if training else None)
 
 
-#: dtype number -> the empty gates workspace that a training forward passes
-#: (it allocates the gates it returns).
-_NO_GATES = {np.dtype(t).num: np.empty((0, 0, 0, 0), t) for t in (np.float32, np.float64)}
+#: dtype number -> zero-size arrays of the shapes of forward's (y, gates,
+#: hidden_states, cell_states) and backward's (dx, dh0, dc0, dW_x, dW_h, db),
+#: passed where the driver allocates that result itself (and for the
+#: inference gates, which come from the workspace).
+_UNALLOCATED = {np.dtype(t).num: tuple(np.empty((0,) * n_dims, t) for n_dims in (3, 4, 4, 4,
+                                                                                 3, 3, 3, 3, 3, 2))
+                for t in (np.float32, np.float64)}
+
+
+@njit(inline="always")
+def _forward_outputs(x, n_dirs, hidden, training, outputs, gates_workspace):
+    """(y, gates, hidden_states, cell_states) for :func:`_forward_driver`:
+    those in ``outputs``, or fresh where they are zero-size; when not
+    training the gates from the workspace, the states (D, 0, B, H)."""
+    steps, batch = x.shape[0], x.shape[1]
+    y, gates, hidden_states, cell_states = outputs
+    if y.size == 0:
+        y = aligned_like(x, (steps, batch, n_dirs * hidden))
+    if not training:
+        return (y, gates_workspace, np.empty((n_dirs, 0, batch, hidden), x.dtype),
+                np.empty((n_dirs, 0, batch, hidden), x.dtype))
+    if gates.size == 0:
+        gates = aligned_like(x, (n_dirs, steps, batch, N_GATES * hidden))
+        hidden_states = aligned_like(x, (n_dirs, steps + 1, batch, hidden))
+        cell_states = aligned_like(x, (n_dirs, steps + 1, batch, hidden))
+    return y, gates, hidden_states, cell_states
 
 
 @njit(cache=True)
-def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, workspace, n_workers, budgets):
+def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, outputs, workspace, n_workers,
+                    budgets):
     """:func:`forward` after the workspace: everything else, compiled.
 
-    workspace: (room (D, T, B, 4H) for the gates of an inference pass, the
-    packed W_x, the packed W_h, the scratch of :func:`.gemm.matmul_packing`,
-    which the input projection uses instead of the packed W_x when it has few
-    rows); n_workers: Numba's thread count; budgets: :func:`_team_budgets`.
-    Returns (y, h_n, c_n, gates, hidden_states, cell_states), the last two
-    (D, 0, B, H) when not training.
+    outputs: (y (T, B, D*H), gates (D, T, B, 4H), hidden_states, cell_states
+    (D, T+1, B, H)) to write, or zero-size arrays where this allocates them
+    (:func:`_forward_outputs`); workspace: (room (D, T, B, 4H) for the gates
+    of an inference pass, the packed W_x, the packed W_h, the scratch of
+    :func:`.gemm.matmul_packing`, which the input projection uses instead of
+    the packed W_x when it has few rows); n_workers: Numba's thread count;
+    budgets: :func:`_team_budgets`. Returns (y, h_n, c_n, gates,
+    hidden_states, cell_states), the last two (D, 0, B, H) when not training.
     """
     gates_workspace, w_x_panels, w_h_panels, chunks = workspace
     steps, batch, inputs = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
-    y = aligned_like(x, (steps, batch, n_dirs * hidden))
-    if training:
-        gates = aligned_like(x, (n_dirs, steps, batch, N_GATES * hidden))
-        hidden_states = aligned_like(x, (n_dirs, steps + 1, batch, hidden))
-        cell_states = aligned_like(x, (n_dirs, steps + 1, batch, hidden))
-    else:
-        gates = gates_workspace
-        hidden_states = np.empty((n_dirs, 0, batch, hidden), x.dtype)
-        cell_states = np.empty((n_dirs, 0, batch, hidden), x.dtype)
+    y, gates, hidden_states, cell_states = _forward_outputs(x, n_dirs, hidden, training, outputs,
+                                                            gates_workspace)
     rows = valid_rows(lengths, steps)
     padded = rows.shape[0] < steps * batch
     if padded:
@@ -604,25 +638,33 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, workspace, n_work
     return y, h_n, c_n, gates, hidden_states, cell_states
 
 
-def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
+def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n, empty=None):
     """The backward loop, then the gradient GEMMs over all steps at once.
 
     x: (T, B, I) contiguous; w_x: (D, I, 4H); w_h: (D, H, 4H) contiguous
     saved: (gates, hidden_states, cell_states) from :func:`forward`
     lengths: (B,) int64; dy: (T, B, D*H) contiguous or None; dh_n, dc_n:
-    (D, B, H) contiguous
+    (D, B, H) contiguous; empty: where the results come from, as in
+    :func:`forward`
 
     Returns ``(dx (T, B, I), dh0 (D, B, H), dc0 (D, B, H), dW_x (D, I, 4H),
     dW_h (D, H, 4H), db (D, 4H))``.
     """
     gates, hidden_states, cell_states = saved
-    n_dirs, _, batch, four_hidden = gates.shape
+    n_dirs, steps, batch, four_hidden = gates.shape
     inputs = x.shape[2]
     hidden = four_hidden // N_GATES
     dtype = x.dtype
     n_valid = int(lengths.sum())
     if dy is None:
         dy = np.empty((0, batch, n_dirs * hidden), dtype)
+    if empty is None:
+        outputs = _UNALLOCATED[dtype.num][4:]
+    else:
+        outputs = (empty((steps, batch, inputs), dtype), empty((n_dirs, batch, hidden), dtype),
+                   empty((n_dirs, batch, hidden), dtype),
+                   empty((n_dirs, inputs, four_hidden), dtype),
+                   empty((n_dirs, hidden, four_hidden), dtype), empty((n_dirs, four_hidden), dtype))
     n_workers = numba.get_num_threads()
     workspace = (
         WORKSPACE.empty("d_gates", gates.shape, dtype),
@@ -633,43 +675,60 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n):
         WORKSPACE.empty("h_t", (hidden, n_valid), dtype),
         empty_panels(packing_scratch_shape(n_workers, dtype), dtype, "chunks"))
     return _backward_driver(x, np.ascontiguousarray(w_x), w_h, gates, hidden_states, cell_states,
-                            lengths, dy, dh_n, dc_n, workspace, n_workers, _team_budgets())
+                            lengths, dy, dh_n, dc_n, outputs, workspace, n_workers,
+                            _team_budgets())
+
+
+@njit(inline="always")
+def _backward_outputs(x, n_dirs, hidden, outputs):
+    """(dx (T, B, I), dh0, dc0 (D, B, H), dW_x (D, I, 4H), dW_h (D, H, 4H),
+    db (D, 4H)) for :func:`_backward_driver`: those in ``outputs``, or fresh
+    where they are zero-size."""
+    steps, batch, inputs = x.shape
+    dx, dh0, dc, dw_x, dw_h, db = outputs
+    if dx.size == 0:
+        dx = aligned_like(x, (steps, batch, inputs))
+        dh0 = aligned_like(x, (n_dirs, batch, hidden))
+        dc = aligned_like(x, (n_dirs, batch, hidden))
+        dw_x = aligned_like(x, (n_dirs, inputs, N_GATES * hidden))
+        dw_h = aligned_like(x, (n_dirs, hidden, N_GATES * hidden))
+        db = aligned_like(x, (n_dirs, N_GATES * hidden))
+    return dx, dh0, dc, dw_x, dw_h, db
 
 
 @njit(cache=True)
 def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy, dh_n, dc_n,
-                     workspace, n_workers, budgets):
+                     outputs, workspace, n_workers, budgets):
     """:func:`backward` after the workspace: everything else, compiled.
 
-    dy: (T, B, D*H), or (0, B, D*H) for none; workspace: (d_gates (D, T, B,
-    4H), W_h^T panels, W_x^T panels, d_gates panels, x^T (I, V), h^T (H, V),
-    the scratch of :func:`.gemm.matmul_packing`, which dx uses instead of the
-    W_x^T panels when it has few rows), V the valid (time, row) pairs;
-    n_workers, budgets: as in :func:`_forward_driver`.
+    dy: (T, B, D*H), or (0, B, D*H) for none; outputs: (dx (T, B, I), dh0,
+    dc0 (D, B, H), dW_x (D, I, 4H), dW_h (D, H, 4H), db (D, 4H)) to write, or
+    zero-size arrays where this allocates them (:func:`_backward_outputs`);
+    workspace: (d_gates (D, T, B, 4H), W_h^T panels, W_x^T panels, d_gates
+    panels, x^T (I, V), h^T (H, V), the scratch of
+    :func:`.gemm.matmul_packing`, which dx uses instead of the W_x^T panels
+    when it has few rows), V the valid (time, row) pairs; n_workers, budgets:
+    as in :func:`_forward_driver`. Returns the results, as :func:`backward`.
     """
     d_gates, w_h_t_panels, w_x_t_panels, dz_panels, x_valid_t, h_valid_t, chunks = workspace
     n_dirs, steps, batch, four_hidden = gates.shape
     inputs = x.shape[2]
     hidden = four_hidden // N_GATES
+    dx_steps, dh0, dc, dw_x, dw_h, db = _backward_outputs(x, n_dirs, hidden, outputs)
     rows = valid_rows(lengths, steps)
     padded = rows.shape[0] < steps * batch
     if padded:
         for d in range(n_dirs):
             _clear_padding(d_gates[d], lengths)
-    dc = aligned_like(x, (n_dirs, batch, hidden))
-    dh0 = aligned_like(x, (n_dirs, batch, hidden))
     dh_step = aligned_like(x, (n_dirs, batch, hidden))
     _copy_states(dc_n, dc)
     _copy_states(dh_n, dh0)
     plan = _work_plan(n_dirs, lengths, hidden, x, steps + 1, n_workers, budgets)
     flat_shape = (n_dirs, steps * batch, four_hidden)
     flat_gates, flat_d_gates = gates.reshape(flat_shape), d_gates.reshape(flat_shape)
-    dx = aligned_like(x, (steps * batch, inputs))
+    dx = dx_steps.reshape(steps * batch, inputs)
     if padded:
         dx[...] = 0
-    dw_x = aligned_like(x, (n_dirs, inputs, four_hidden))
-    dw_h = aligned_like(x, (n_dirs, hidden, four_hidden))
-    db = aligned_like(x, (n_dirs, four_hidden))
     no_bias = np.empty(0, x.dtype)
     input_rows, hidden_rows = np.arange(inputs), np.arange(hidden)
     for d in range(n_dirs):
@@ -692,7 +751,7 @@ def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy
         transpose_into(_valid_pairs(states, rows), h_valid_t)
         matmul(h_valid_t, dz_panels, hidden_rows, dw_h[d], _run_time(False), no_bias)
     column_sums(flat_d_gates, db)
-    return dx.reshape(steps, batch, inputs), dh0, dc, dw_x, dw_h, db
+    return dx_steps, dh0, dc, dw_x, dw_h, db
 
 
 @njit([types.boolean(types.boolean), types.int64(types.int64)], cache=True)

@@ -846,6 +846,21 @@ def aligned_like(like, shape):
     return buffer[start:start + n_items].reshape(shape)
 
 
+@njit(cache=True)
+def _aligned_bytes(n_bytes):
+    """(n_bytes,) uint8 from :func:`aligned_like`."""
+    return aligned_like(np.empty(0, np.uint8), (n_bytes,))
+
+
+def aligned_empty(shape, dtype):
+    """An uninitialized C-contiguous array of ``shape`` and ``dtype``, allocated
+    as :func:`aligned_like` allocates in compiled code (a cache-line start,
+    huge pages within limits), for allocators in Python: the fresh memory of
+    the API's recycling pool, whose arrays the CPU drivers write."""
+    dtype = np.dtype(dtype)
+    return _aligned_bytes(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+
 class Workspace(threading.local):
     """Cache-line aligned buffers for the CPU drivers' temporaries, kept per thread.
 

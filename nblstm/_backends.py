@@ -10,7 +10,9 @@ import numpy as np
 
 from . import reference
 from ._device import is_device_array
+from ._recycling import RESULT_POOL
 from ._threads import run_parallel
+from .params import N_GATES
 
 
 class HostBackend:
@@ -105,7 +107,8 @@ class NumpyBackend(HostBackend):
 
 
 class CPUBackend(HostBackend):
-    """Numba ``parallel=True`` kernels from :mod:`nblstm.kernels.cpu`."""
+    """Numba ``parallel=True`` kernels from :mod:`nblstm.kernels.cpu`; their
+    results come from the recycling pool (:mod:`nblstm._recycling`)."""
 
     name = "cpu"
 
@@ -125,17 +128,25 @@ class CPUBackend(HostBackend):
             return np.ascontiguousarray(stacked) if contiguous else stacked
         return np.stack(arrays)
 
+    @staticmethod
+    def _results_from(x, params):
+        """Where a call's results come from (:meth:`.RecyclingPool.allocator_for`),
+        by its largest array, the (D, T, B, 4H) gates."""
+        steps, batch = x.shape[:2]
+        gates_bytes = len(params) * steps * batch * N_GATES * params[0].hidden_size
+        return RESULT_POOL.allocator_for(gates_bytes * x.itemsize)
+
     def forward(self, x, params, h0, c0, lengths, training):
         """As :meth:`NumpyBackend.forward`."""
         return run_parallel(self._kernels.forward, x, self._stacked(params, "W_x"),
                             self._stacked(params, "W_h"), self._stacked(params, "b"), h0, c0,
-                            lengths, training)
+                            lengths, training, self._results_from(x, params))
 
     def backward(self, x, params, saved, lengths, dy, dh_n, dc_n):
         """As :meth:`NumpyBackend.backward`."""
         return run_parallel(self._kernels.backward, x, self._stacked(params, "W_x"),
                             self._stacked(params, "W_h", contiguous=True), saved, lengths, dy,
-                            dh_n, dc_n)
+                            dh_n, dc_n, self._results_from(x, params))
 
 
 #: name -> the one object of each host backend (they hold no per-call state).

@@ -12,6 +12,7 @@ import numpy as np
 from ._availability import cuda_status
 from ._backends import get_backend
 from ._device import is_device_array
+from ._recycling import RESULT_POOL
 from ._validation import check_array, check_float_dtype, check_tensor
 from .params import N_GATES, LSTMParams
 
@@ -317,13 +318,16 @@ def backward(cache, dy, dh_n=None, dc_n=None):
 
 
 def clear_workspace():
-    """Release the ``"cpu"`` backend's reusable temporaries held by the calling thread.
+    """Release the memory the ``"cpu"`` backend keeps between calls.
 
     The CPU backend carves its packed weights, transposes and gate gradients
     from per-thread buffers that live between calls and grow to the largest
     problem seen (roughly two (T, B, 4H) arrays plus the weights, per
     direction): allocating them afresh would cost a page fault per 4 KiB on
-    every call. Results never alias these buffers.
+    every call. Results never alias these buffers. It also keeps the memory
+    of its large results (y, the cache, the gradients) once no array over
+    them is left, up to 1 GiB in all, for the next call's results. This
+    releases the calling thread's buffers and every kept result's memory.
 
     Returns
     -------
@@ -332,7 +336,6 @@ def clear_workspace():
     """
     from .kernels.gemm import WORKSPACE
 
-    released = WORKSPACE.n_bytes
+    released = WORKSPACE.n_bytes + RESULT_POOL.clear()
     WORKSPACE.clear()
     return released
-
