@@ -533,15 +533,16 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, training, empty=None):
     dtype = x.dtype
     gates_shape = (n_dirs, steps, batch, N_GATES * hidden)
     states_shape = (n_dirs, steps + 1, batch, hidden)
+    unallocated = _UNALLOCATED_FORWARD[dtype.num]
     if empty is None:
-        outputs = _UNALLOCATED[dtype.num][:4]
+        outputs = unallocated
     elif training:
         outputs = (empty((steps, batch, n_dirs * hidden), dtype), empty(gates_shape, dtype),
                    empty(states_shape, dtype), empty(states_shape, dtype))
     else:
-        outputs = (empty((steps, batch, n_dirs * hidden), dtype),) + _UNALLOCATED[dtype.num][1:4]
+        outputs = (empty((steps, batch, n_dirs * hidden), dtype),) + unallocated[1:]
     if training:
-        inference_gates = _UNALLOCATED[dtype.num][1]
+        inference_gates = unallocated[1]
     else:
         inference_gates = WORKSPACE.empty("gates", gates_shape, dtype)
     w_x_panels = empty_panels((n_dirs, 1) + panel_shape(w_x.shape[1:], dtype), dtype, "w_x")
@@ -556,13 +557,18 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, training, empty=None):
     return y, h_n, c_n, ((gates, hidden_states, cell_states) if training else None)
 
 
-#: dtype number -> zero-size arrays of the shapes of forward's (y, gates,
-#: hidden_states, cell_states) and backward's (dx, dh0, dc0, dW_x, dW_h, db),
-#: passed where the driver allocates that result itself (and for the
-#: inference gates, which come from the workspace).
-_UNALLOCATED = {np.dtype(t).num: tuple(np.empty((0,) * n_dims, t) for n_dims in (3, 4, 4, 4,
-                                                                                 3, 3, 3, 3, 3, 2))
-                for t in (np.float32, np.float64)}
+def _zero_size(n_dims, dtype):
+    """Zero-size arrays of ``dtype``, one per number of dimensions in ``n_dims``."""
+    return tuple(np.empty((0,) * n, dtype) for n in n_dims)
+
+
+#: dtype number -> zero-size arrays in place of forward's (y, gates,
+#: hidden_states, cell_states), where its driver allocates them itself.
+_UNALLOCATED_FORWARD = {np.dtype(t).num: _zero_size((3, 4, 4, 4), t)
+                        for t in (np.float32, np.float64)}
+#: The same for backward's (dx, dh0, dc0, dW_x, dW_h, db).
+_UNALLOCATED_BACKWARD = {np.dtype(t).num: _zero_size((3, 3, 3, 3, 3, 2), t)
+                         for t in (np.float32, np.float64)}
 
 
 @njit(inline="always")
@@ -659,7 +665,7 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n, empty=None):
     if dy is None:
         dy = np.empty((0, batch, n_dirs * hidden), dtype)
     if empty is None:
-        outputs = _UNALLOCATED[dtype.num][4:]
+        outputs = _UNALLOCATED_BACKWARD[dtype.num]
     else:
         outputs = (empty((steps, batch, inputs), dtype), empty((n_dirs, batch, hidden), dtype),
                    empty((n_dirs, batch, hidden), dtype),
