@@ -531,16 +531,15 @@ def forward(x, w_x, w_h, b, h0, c0, lengths, training, empty=None):
     steps, batch, _ = x.shape
     n_dirs, hidden = w_h.shape[0], w_h.shape[1]
     dtype = x.dtype
-    gates_shape = (n_dirs, steps, batch, N_GATES * hidden)
-    states_shape = (n_dirs, steps + 1, batch, hidden)
+    y_shape, gates_shape, states_shape = _forward_shapes.py_func(steps, batch, n_dirs, hidden)
     unallocated = _UNALLOCATED_FORWARD[dtype.num]
     if empty is None:
         outputs = unallocated
     elif training:
-        outputs = (empty((steps, batch, n_dirs * hidden), dtype), empty(gates_shape, dtype),
-                   empty(states_shape, dtype), empty(states_shape, dtype))
+        outputs = (empty(y_shape, dtype), empty(gates_shape, dtype), empty(states_shape, dtype),
+                   empty(states_shape, dtype))
     else:
-        outputs = (empty((steps, batch, n_dirs * hidden), dtype),) + unallocated[1:]
+        outputs = (empty(y_shape, dtype),) + unallocated[1:]
     if training:
         inference_gates = unallocated[1]
     else:
@@ -572,21 +571,30 @@ _UNALLOCATED_BACKWARD = {np.dtype(t).num: _zero_size((3, 3, 3, 3, 3, 2), t)
 
 
 @njit(inline="always")
+def _forward_shapes(steps, batch, n_dirs, hidden):
+    """Shapes of forward's y, saved gates and saved states (each of the two),
+    for the allocations in Python (``.py_func``) and in compiled code."""
+    return ((steps, batch, n_dirs * hidden), (n_dirs, steps, batch, N_GATES * hidden),
+            (n_dirs, steps + 1, batch, hidden))
+
+
+@njit(inline="always")
 def _forward_outputs(x, n_dirs, hidden, training, outputs, gates_workspace):
     """(y, gates, hidden_states, cell_states) for :func:`_forward_driver`:
     those in ``outputs``, or fresh where they are zero-size; when not
     training the gates from the workspace, the states (D, 0, B, H)."""
     steps, batch = x.shape[0], x.shape[1]
+    y_shape, gates_shape, states_shape = _forward_shapes(steps, batch, n_dirs, hidden)
     y, gates, hidden_states, cell_states = outputs
     if y.size == 0:
-        y = aligned_like(x, (steps, batch, n_dirs * hidden))
+        y = aligned_like(x, y_shape)
     if not training:
         return (y, gates_workspace, np.empty((n_dirs, 0, batch, hidden), x.dtype),
                 np.empty((n_dirs, 0, batch, hidden), x.dtype))
     if gates.size == 0:
-        gates = aligned_like(x, (n_dirs, steps, batch, N_GATES * hidden))
-        hidden_states = aligned_like(x, (n_dirs, steps + 1, batch, hidden))
-        cell_states = aligned_like(x, (n_dirs, steps + 1, batch, hidden))
+        gates = aligned_like(x, gates_shape)
+        hidden_states = aligned_like(x, states_shape)
+        cell_states = aligned_like(x, states_shape)
     return y, gates, hidden_states, cell_states
 
 
@@ -667,10 +675,10 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n, empty=None):
     if empty is None:
         outputs = _UNALLOCATED_BACKWARD[dtype.num]
     else:
-        outputs = (empty((steps, batch, inputs), dtype), empty((n_dirs, batch, hidden), dtype),
-                   empty((n_dirs, batch, hidden), dtype),
-                   empty((n_dirs, inputs, four_hidden), dtype),
-                   empty((n_dirs, hidden, four_hidden), dtype), empty((n_dirs, four_hidden), dtype))
+        dx_shape, state_shape, dw_x_shape, dw_h_shape, db_shape = _backward_shapes.py_func(
+            steps, batch, inputs, n_dirs, hidden)
+        outputs = (empty(dx_shape, dtype), empty(state_shape, dtype), empty(state_shape, dtype),
+                   empty(dw_x_shape, dtype), empty(dw_h_shape, dtype), empty(db_shape, dtype))
     n_workers = numba.get_num_threads()
     workspace = (
         WORKSPACE.empty("d_gates", gates.shape, dtype),
@@ -686,19 +694,29 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n, empty=None):
 
 
 @njit(inline="always")
+def _backward_shapes(steps, batch, inputs, n_dirs, hidden):
+    """Shapes of backward's dx, dh0 and dc0 (each), dW_x, dW_h and db, for
+    the allocations in Python (``.py_func``) and in compiled code."""
+    return ((steps, batch, inputs), (n_dirs, batch, hidden), (n_dirs, inputs, N_GATES * hidden),
+            (n_dirs, hidden, N_GATES * hidden), (n_dirs, N_GATES * hidden))
+
+
+@njit(inline="always")
 def _backward_outputs(x, n_dirs, hidden, outputs):
     """(dx (T, B, I), dh0, dc0 (D, B, H), dW_x (D, I, 4H), dW_h (D, H, 4H),
     db (D, 4H)) for :func:`_backward_driver`: those in ``outputs``, or fresh
     where they are zero-size."""
     steps, batch, inputs = x.shape
+    dx_shape, state_shape, dw_x_shape, dw_h_shape, db_shape = _backward_shapes(
+        steps, batch, inputs, n_dirs, hidden)
     dx, dh0, dc, dw_x, dw_h, db = outputs
     if dx.size == 0:
-        dx = aligned_like(x, (steps, batch, inputs))
-        dh0 = aligned_like(x, (n_dirs, batch, hidden))
-        dc = aligned_like(x, (n_dirs, batch, hidden))
-        dw_x = aligned_like(x, (n_dirs, inputs, N_GATES * hidden))
-        dw_h = aligned_like(x, (n_dirs, hidden, N_GATES * hidden))
-        db = aligned_like(x, (n_dirs, N_GATES * hidden))
+        dx = aligned_like(x, dx_shape)
+        dh0 = aligned_like(x, state_shape)
+        dc = aligned_like(x, state_shape)
+        dw_x = aligned_like(x, dw_x_shape)
+        dw_h = aligned_like(x, dw_h_shape)
+        db = aligned_like(x, db_shape)
     return dx, dh0, dc, dw_x, dw_h, db
 
 

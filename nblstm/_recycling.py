@@ -121,14 +121,18 @@ class RecyclingPool:
             buffer = self._returned.popleft()
             if buffer.nbytes <= self._max_kept_bytes:
                 self._kept[id(buffer)] = buffer
-        while sum(buffer.nbytes for buffer in self._kept.values()) > self._max_kept_bytes:
+        while self._kept_bytes() > self._max_kept_bytes:
             del self._kept[next(iter(self._kept))]
+
+    def _kept_bytes(self):
+        """Bytes of the kept buffers. Under the lock."""
+        return sum(buffer.nbytes for buffer in self._kept.values())
 
     def clear(self):
         """Drop every kept buffer; return the bytes they held."""
         with self._lock:
             self._sort_in()
-            released = sum(buffer.nbytes for buffer in self._kept.values())
+            released = self._kept_bytes()
             self._kept.clear()
         return released
 
@@ -137,7 +141,7 @@ class RecyclingPool:
         """Bytes of the buffers kept now."""
         with self._lock:
             self._sort_in()
-            return sum(buffer.nbytes for buffer in self._kept.values())
+            return self._kept_bytes()
 
 
 def _fresh(shape, dtype):

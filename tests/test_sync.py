@@ -5,7 +5,7 @@ import pytest
 from numba import njit, prange
 
 from nblstm.kernels import sync
-from nblstm.kernels.cpu import ROWS_PER_TILE, _claim_in_order, _tile_bounds
+from nblstm.kernels.cpu import ROWS_PER_TILE, _claim_in_order, _step_tiles, _tile_bounds
 
 N_TASKS = 7
 N_STEPS = 300
@@ -72,9 +72,9 @@ def test_a_step_covers_every_tile_and_runs_each_short_row_tile_last(step):
     """One worker claiming a step's tiles in the loops' order (rising on even
     steps, falling on odd ones) meets every (direction, rows, units) tile
     once, and within each unit tile runs the short last row tile last."""
-    n_dirs, n_rows, hidden, tile_units = 2, 2 * ROWS_PER_TILE + 5, 100, 64
-    n_row_tiles, n_unit_tiles = 3, 2
-    n_tiles = n_dirs * n_row_tiles * n_unit_tiles
+    n_dirs, n_rows, hidden, tile_units, n_unit_tiles = 2, 2 * ROWS_PER_TILE + 5, 100, 64, 2
+    n_row_tiles, n_tiles = _step_tiles(n_rows, n_dirs, n_unit_tiles)
+    assert n_row_tiles == 3, "two full row tiles and a short one"
     claims, _ = sync.counters(n_tiles, 1)
     met = []
     for offset in range(n_tiles):
