@@ -829,7 +829,7 @@ def _tile_units(hidden, itemsize, budgets):
     return units
 
 
-def _core_cache_bytes():
+def core_cache_bytes():
     """Bytes of one core's L2 cache, from Linux's sysfs; DEFAULT_CORE_CACHE_BYTES
     where that is not readable."""
     caches = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -864,12 +864,12 @@ DEFAULT_CORE_CACHE_BYTES = 2 ** 20
 #:   H=256 B=8/32 0.87/0.98x forward, f32 H=512 B=64 0.98x.
 #: - Larger W_h: never (f64 H=512 B=128 0.98x, f32 H=1024 B=128 0.95x).
 MIN_ROWS_PER_TEAM = 4
-MAX_TEAM_WEIGHT_BYTES = _core_cache_bytes() // 2
+MAX_TEAM_WEIGHT_BYTES = core_cache_bytes() // 2
 MIN_ROWS_PER_TEAM_FROM_L3 = 64
 MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
 #: The largest slice of W_h one time-loop tile reads (:func:`_tile_units`):
 #: a quarter of a core's L2.
-MAX_TILE_WEIGHT_BYTES = _core_cache_bytes() // 4
+MAX_TILE_WEIGHT_BYTES = core_cache_bytes() // 4
 #: Time-loop tiles read W_h in chunks of k (:func:`_reads_in_chunks`) where
 #: one direction's W_h is larger than two L2s, so that each of two workers'
 #: shares is larger than its whole L2, which then keeps little of it between
@@ -884,7 +884,7 @@ MAX_TILE_WEIGHT_BYTES = _core_cache_bytes() // 4
 #: past every team budget ever split rows into teams, whose tiles would chunk
 #: by their own row counts: :func:`_teams` chunks only past those budgets
 #: too.)
-MIN_CHUNKED_WEIGHT_BYTES = 2 * _core_cache_bytes()
+MIN_CHUNKED_WEIGHT_BYTES = 2 * core_cache_bytes()
 #: Flags of team_bounds[t, 3] (:func:`_teams`): the members' W_h streams from
 #: memory; the time loops read it in chunks; two tiles' slices of it fit
 #: beside each other in the budget of W_h kept in L2.

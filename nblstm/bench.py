@@ -346,9 +346,49 @@ def read_rate(n_mib):
     return rounds * words.nbytes / seconds / 1e9
 
 
+#: Keys of :func:`read_rate`'s results that :func:`lower_bound_seconds` reads: the
+#: smallest buffer's (each thread's share in its core's L2) and the next one's
+#: (the last-level cache).
+L2_READ, BEYOND_L2_READ = (f"{size}MiB" for size in READ_SIZES_MIB[:2])
+
+
+def lower_bound_seconds(point, gemm_gflops, read_gbps, l2_bytes):
+    """A lower bound on the time of any implementation of ``point`` on this machine.
+
+    The larger of two measured limits: the point's flops (:attr:`Point.flops`)
+    at the GEMM rate ``gemm_gflops`` (GFLOP/s), and the reads of W_h (4H x H)
+    that the recurrence cannot avoid: every step's h_t needs all of W_h, so
+    each step reads it once (twice with backward, which reads it again,
+    transposed). Of each read, at most ``l2_bytes`` (the L2 caches of all the
+    threads' cores) come at the rate ``read_gbps[L2_READ]`` (GB/s) and the rest
+    at ``read_gbps[BEYOND_L2_READ]``, the fastest rates these parts can be read
+    at. The cell math and every other pass come on top of either limit.
+    """
+    flop_seconds = point.flops / (gemm_gflops * 1e9)
+    itemsize = np.dtype(DTYPE_TAGS[point.dtype]).itemsize
+    weight_bytes = N_GATES * point.hidden * point.hidden * itemsize
+    cached_bytes = min(weight_bytes, l2_bytes)
+    read_seconds = (cached_bytes / (read_gbps[L2_READ] * 1e9)
+                    + (weight_bytes - cached_bytes) / (read_gbps[BEYOND_L2_READ] * 1e9))
+    passes = 2 if point.mode == "fwdbwd" else 1
+    return max(flop_seconds, passes * point.steps * read_seconds)
+
+
+def threads_l2_bytes():
+    """Bytes of L2 cache in the cores of Numba's threads (one core each)."""
+    from .kernels.cpu import core_cache_bytes
+
+    return numba.get_num_threads() * core_cache_bytes()
+
+
 @dataclass(frozen=True)
 class Row:
-    """One measured point of ``python -m nblstm bench``."""
+    """One measured point of ``python -m nblstm bench``.
+
+    ``bound_ms`` is :func:`lower_bound_seconds` at the GEMM rate measured next
+    to the point (NaN on the GPU), and ``ceiling`` torch's time over it: the
+    largest speedup over torch that any implementation could show here.
+    """
 
     point: str
     ms: float
@@ -358,16 +398,20 @@ class Row:
     speedup_vs_torch: float
     torch_ms: float
     gemm_gflops: float
+    bound_ms: float = float("nan")
+    ceiling: float = float("nan")
 
 
-def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True):
+def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, read_gbps=None):
     """Time one point against the NumPy reference and torch (when installed; on the
     GPU for ``"cuda"``).
 
     The row's percentage is read against the GEMM rate measured right before
     the point (:func:`backend_gemm_rate`): this machine's rate moves by 15-20 %
     within a run (turbo, neighbours on the host), and one rate taken at the
-    start of a run made the percentages of later points swing with it.
+    start of a run made the percentages of later points swing with it. With
+    ``read_gbps`` (:func:`read_rate` per buffer size, CPU only) the row also
+    gets its lower bound and ceiling.
     """
     rate = backend_gemm_rate(backend, DTYPE_TAGS[point.dtype])
     ours = nblstm_runner(point, backend)
@@ -378,8 +422,85 @@ def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True):
         ours_s, torch_s, vs_torch = median_time(ours, pairs), float("nan"), float("nan")
     vs_numpy = compare(ours, numpy_runner(point), pairs)[2] if with_numpy else float("nan")
     gflops = point.flops / ours_s / 1e9
+    bound_s = float("nan")
+    if read_gbps is not None:
+        bound_s = lower_bound_seconds(point, rate, read_gbps, threads_l2_bytes())
     return Row(point.name(backend), ours_s * 1e3, gflops, 100 * gflops / rate, vs_numpy,
-               vs_torch, torch_s * 1e3, rate)
+               vs_torch, torch_s * 1e3, rate, bound_s * 1e3, torch_s / bound_s)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One CPU speed target of the benchmark issue: the :class:`Row` field
+    ``quantity`` at least ``threshold`` at every point of dtype tag ``dtype``
+    (of batch size ``batch`` only, when given, and H >= ``min_hidden``)."""
+
+    label: str
+    quantity: str
+    threshold: float
+    dtype: str
+    batch: int | None = None
+    min_hidden: int = 0
+
+    def applies(self, point):
+        """Whether the target covers ``point``."""
+        return (point.dtype == self.dtype and self.batch in (None, point.batch)
+                and point.hidden >= self.min_hidden)
+
+
+TARGETS = (
+    Target("fp32 at least as fast as torch.nn.LSTM", "speedup_vs_torch", 1.0, "f32"),
+    Target("fp32 B=1 at least 1.5x torch", "speedup_vs_torch", 1.5, "f32", batch=1),
+    Target("fp64 at least 1.5x torch", "speedup_vs_torch", 1.5, "f64"),
+    Target("fp32 B=128 H>=512 at least 85 % of the GEMM rate", "percent_of_gemm", 85.0, "f32",
+           batch=128, min_hidden=512),
+)
+
+
+def check_targets(points, rows, targets=TARGETS):
+    """How the measured ``rows`` (one per point of ``points``) meet ``targets``.
+
+    Returns one dict per target that covers a measured point (a NaN, such as a
+    speedup without torch, is not measured): ``target``, ``points`` (how many
+    it covers), ``met``, and ``misses``, each a dict of ``point``, ``value``,
+    ``ceiling`` and ``bound``: for speedup targets, whether the ceiling
+    (:class:`Row`) is below the target, so that no implementation could meet it
+    here; None for the others.
+    """
+    results = []
+    for target in targets:
+        covered = [row for point, row in zip(points, rows) if target.applies(point)
+                   and not math.isnan(getattr(row, target.quantity))]
+        if not covered:
+            continue
+        speedup = target.quantity.startswith("speedup")
+        misses = [{"point": row.point, "value": getattr(row, target.quantity),
+                   "ceiling": row.ceiling if speedup else None,
+                   "bound": bool(row.ceiling < target.threshold) if speedup else None}
+                  for row in covered if getattr(row, target.quantity) < target.threshold]
+        results.append({"target": target.label, "points": len(covered),
+                        "met": len(covered) - len(misses), "misses": misses})
+    return results
+
+
+def format_targets(results):
+    """Lines that say how :func:`check_targets`' results stand."""
+    lines = ["Targets (ceiling: torch's time over the lower bound on any implementation's "
+             "time here; bound: a ceiling below the target):"]
+    for result in results:
+        line = f"  {result['target']}: {result['met']} of {result['points']}"
+        described = []
+        for miss in result["misses"]:
+            if miss["ceiling"] is None:
+                described.append(f"{miss['point']} {miss['value']:.1f}")
+                continue
+            bound = ", bound" if miss["bound"] else ""
+            described.append(f"{miss['point']} {miss['value']:.2f}x "
+                             f"(ceiling {miss['ceiling']:.2f}{bound})")
+        if described:
+            line += "; misses " + ", ".join(described)
+        lines.append(line)
+    return lines
 
 
 def _progress(done, total, label):
@@ -392,11 +513,11 @@ def _progress(done, total, label):
 def format_table(rows):
     """The rows as a fixed-width text table."""
     lines = [f"{'point':<26} {'ms':>9} {'GFLOP/s':>8} {'%GEMM':>6} {'x numpy':>8} "
-             f"{'x torch':>8} {'torch ms':>9} {'GEMM GF/s':>9}"]
+             f"{'x torch':>8} {'torch ms':>9} {'GEMM GF/s':>9} {'ceiling':>7}"]
     for row in rows:
         lines.append(f"{row.point:<26} {row.ms:9.2f} {row.gflops:8.1f} {row.percent_of_gemm:6.1f}"
                      f" {row.speedup_vs_numpy:8.2f} {row.speedup_vs_torch:8.2f} "
-                     f"{row.torch_ms:9.2f} {row.gemm_gflops:9.0f}")
+                     f"{row.torch_ms:9.2f} {row.gemm_gflops:9.0f} {row.ceiling:7.2f}")
     return "\n".join(lines)
 
 
@@ -523,15 +644,19 @@ def run(args):
     rows = []
     for done, point in enumerate(points):
         _progress(done, len(points), point.name(args.backend))
-        rows.append(measure(point, args.backend, args.pairs, with_numpy=args.numpy))
+        rows.append(measure(point, args.backend, args.pairs, with_numpy=args.numpy,
+                            read_gbps=facts.get("read_gbps")))
     _progress(len(points), len(points), "done")
     sys.stderr.write("\n")
+    targets = [] if on_gpu else check_targets(points, rows)
     if args.json:
         print(json.dumps({**facts, "threads": numba.get_num_threads(),
-                          "rows": [asdict(row) for row in rows]}, indent=1))
+                          "rows": [asdict(row) for row in rows], "targets": targets}, indent=1))
     else:
         print("\n".join(_describe(facts)))
         print(format_table(rows))
+        if targets:
+            print("\n".join(format_targets(targets)))
     if args.plot:
         plot(rows, args.plot)
     return 0

@@ -29,6 +29,12 @@ def test_bench_command_reports_every_point(capsys):
         assert row["percent_of_gemm"] == pytest.approx(100 * row["gflops"] / row["gemm_gflops"])
     assert list(report["read_gbps"]) == [f"{size}MiB" for size in bench.READ_SIZES_MIB]
     assert all(rate > 0 for rate in report["read_gbps"].values())
+    # Every row is read against its lower bound; the targets cover what was measured.
+    for row in report["rows"]:
+        assert 0 < row["bound_ms"] < math.inf
+    with_torch = importlib.util.find_spec("torch") is not None
+    covered = [target.label for target in bench.TARGETS[:3]] if with_torch else []
+    assert [target["target"] for target in report["targets"]] == covered
 
 
 def test_benchmark_suite_runs():
@@ -112,3 +118,61 @@ def test_ab_tool_imports_a_revision_and_this_checkout_side_by_side(tmp_path):
     base, new = versions
     assert base is not new and base.forward is not new.forward
     assert Path(base.__file__).parent == tmp_path / "ab_test_base"
+
+
+RATES = {"2MiB": 200.0, "16MiB": 50.0, "256MiB": 25.0}
+
+
+def test_lower_bound_is_the_flops_where_w_h_stays_in_the_caches():
+    point = bench.Point(100, 32, 128, "f32", "fwdbwd")
+    # W_h is 256 KiB: read from L2 at 200 GB/s, 100 steps take 0.26 ms, far below the flops.
+    assert bench.lower_bound_seconds(point, 300.0, RATES, 4 * 2 ** 20) == pytest.approx(
+        point.flops / 300e9)
+
+
+def test_lower_bound_reads_w_h_every_step_where_it_is_large():
+    point = bench.Point(100, 1, 1024, "f32", "fwd")
+    weight_bytes = 4 * 1024 * 1024 * 4
+    l2_bytes = 4 * 2 ** 20
+    step = l2_bytes / 200e9 + (weight_bytes - l2_bytes) / 50e9
+    assert bench.lower_bound_seconds(point, 300.0, RATES, l2_bytes) == pytest.approx(100 * step)
+    # Backward reads W_h again, transposed; float64 doubles the bytes.
+    backward = bench.Point(100, 1, 1024, "f32", "fwdbwd")
+    assert bench.lower_bound_seconds(backward, 1e9, RATES, l2_bytes) == pytest.approx(200 * step)
+    wide = bench.Point(100, 1, 1024, "f64", "fwd")
+    assert bench.lower_bound_seconds(wide, 1e9, RATES, l2_bytes) == pytest.approx(
+        100 * (l2_bytes / 200e9 + (2 * weight_bytes - l2_bytes) / 50e9))
+
+
+def _row(point, speedup, percent=50.0, ceiling=2.0):
+    return bench.Row(point.name("cpu"), 1.0, 1.0, percent, math.nan, speedup, speedup, 1.0,
+                     1.0 / ceiling * speedup, ceiling)
+
+
+def test_targets_count_the_points_they_cover_and_name_the_misses():
+    points = [bench.Point(100, batch, hidden, dtype, "fwd") for dtype in ("f32", "f64")
+              for hidden in (128, 512) for batch in (1, 128)]
+    speedups = {"f32": [1.2, 0.9, 1.6, 1.1], "f64": [1.7, 1.4, 1.2, 1.5]}
+    ceilings = {"f32": [3.0, 1.3, 2.0, 1.2], "f64": [2.0, 1.6, 1.3, 1.9]}
+    percents = [40.0, 80.0, 40.0, 90.0]
+    rows = [_row(point, speedups[point.dtype][i % 4], percents[i % 4], ceilings[point.dtype][i % 4])
+            for i, point in enumerate(points)]
+    results = {result["target"]: result for result in bench.check_targets(points, rows)}
+    fp32, fp32_b1, fp64, share = (results[target.label] for target in bench.TARGETS)
+    assert (fp32["points"], fp32["met"]) == (4, 3)
+    assert fp32["misses"] == [{"point": "cpu-fwd-f32-H128-B128", "value": 0.9, "ceiling": 1.3,
+                               "bound": False}]
+    assert (fp32_b1["points"], fp32_b1["met"], fp32_b1["misses"][0]["value"]) == (2, 1, 1.2)
+    # 1.4x under a ceiling of 1.6 is not bound; 1.2x under 1.3 is.
+    assert [(miss["point"], miss["bound"]) for miss in fp64["misses"]] == [
+        ("cpu-fwd-f64-H128-B128", False), ("cpu-fwd-f64-H512-B1", True)]
+    assert (share["points"], share["met"], share["misses"]) == (1, 1, [])
+    lines = bench.format_targets(list(results.values()))
+    assert "fp64 at least 1.5x torch: 2 of 4; misses cpu-fwd-f64-H128-B128 1.40x (ceiling 1.60)" \
+        ", cpu-fwd-f64-H512-B1 1.20x (ceiling 1.30, bound)" in "\n".join(lines)
+
+
+def test_targets_skip_points_measured_without_torch():
+    point = bench.Point(100, 1, 128, "f32", "fwd")
+    row = _row(point, math.nan, percent=90.0)
+    assert bench.check_targets([point], [row]) == []
