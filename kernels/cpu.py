@@ -174,7 +174,7 @@ def _segment(scratch, index, n_units):
 
 
 @njit(inline="always")
-def _forward_units(scratch, n_units):
+def forward_units(scratch, n_units):
     """The cell on a scratch row: pre-activations and c_{t-1} in; gates, c_t, h_t out.
 
     In: segments 0-3 the gate pre-activations, segment 4 c_{t-1}. Out: 0-3
@@ -204,7 +204,7 @@ def _forward_units(scratch, n_units):
 
 
 @njit(inline="always")
-def _backward_units(scratch, n_units):
+def backward_units(scratch, n_units):
     """Backward through the cell on a scratch row.
 
     In: segments 0-3 the saved gates, 4 c_{t-1}, 5 dh (total gradient
@@ -422,7 +422,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     c_prev = c_ring[d, prev, r, unit_lo:unit_hi]
                     _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
                     copy_into(c_prev, _segment(row_scratch, _C_PREV, n_units))
-                    _forward_units(row_scratch, n_units)
+                    forward_units(row_scratch, n_units)
                     if save:
                         _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
                     c_t = _segment(row_scratch, _C_PREV, n_units)
@@ -506,7 +506,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                         c_prev = cell_states[d, t, r, unit_lo:unit_hi]
                         copy_into(c_prev, _segment(row_scratch, _C_PREV, n_units))
                         copy_into(dc, _segment(row_scratch, _DC, n_units))
-                        _backward_units(row_scratch, n_units)
+                        backward_units(row_scratch, n_units)
                         _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
                         copy_into(_segment(row_scratch, _DC, n_units), dc)
                 finish(done[team], order)

@@ -15,6 +15,8 @@ import numba
 import numpy as np
 
 from . import api
+from .kernels import cpu as cpu_kernels
+from .kernels.gemm import use_full_vector_width
 from .layer import LSTM
 from .params import N_GATES, LSTMParams
 
@@ -376,9 +378,48 @@ def lower_bound_seconds(point, gemm_gflops, read_gbps, l2_bytes):
 
 def threads_l2_bytes():
     """Bytes of L2 cache in the cores of Numba's threads (one core each)."""
-    from .kernels.cpu import core_cache_bytes
+    return numba.get_num_threads() * cpu_kernels.core_cache_bytes()
 
-    return numba.get_num_threads() * core_cache_bytes()
+
+#: Rounds of the cell math on one scratch row per timing of :func:`cell_seconds_per_unit`.
+CELL_ROUNDS = 100_000
+
+
+@numba.njit(cache=True, error_model=cpu_kernels.CELL_ERROR_MODEL,
+            fastmath=cpu_kernels.CELL_FASTMATH)
+def _cell_sweep(scratch, rounds):
+    """Run the forward cell math on the scratch row ``scratch`` (SCRATCH_SEGMENTS *
+    UNITS_PER_TILE,) ``rounds`` times in place, compiled as the time loop compiles it;
+    returns a value of the result, so that the work cannot be optimised away.
+    Benchmark tooling, not one of the library's kernels."""
+    use_full_vector_width()
+    for _ in range(rounds):
+        cpu_kernels.forward_units(scratch, cpu_kernels.UNITS_PER_TILE)
+    return scratch[0]
+
+
+def cell_seconds_per_unit(dtype):
+    """Seconds per hidden unit of nblstm's forward cell math (five activations and
+    the new states, :func:`.kernels.cpu.forward_units`) in one thread, on data
+    in L1: the part of the time loop's cell phase that no copy or cache miss adds
+    to. Each round feeds the last one's results back in (gates become
+    activations of activations); the branch-free vector code takes the same
+    time on any finite values."""
+    rng = np.random.default_rng(0)
+    row = rng.standard_normal(cpu_kernels.SCRATCH_SEGMENTS * cpu_kernels.UNITS_PER_TILE)
+    row = row.astype(dtype)
+    _cell_sweep(row.copy(), 1)
+    seconds = min(_timed(lambda: _cell_sweep(row.copy(), CELL_ROUNDS), 1) for _ in range(3))
+    return seconds / (CELL_ROUNDS * cpu_kernels.UNITS_PER_TILE)
+
+
+def products_and_cell_seconds(point, gemm_gflops, cell_seconds, n_threads):
+    """A lower bound on nblstm's own time for ``point``: its flops at the GEMM rate
+    ``gemm_gflops`` (GFLOP/s) plus its forward cell math (T * B * H units at
+    ``cell_seconds`` each, :func:`cell_seconds_per_unit`) shared by ``n_threads``.
+    The backward pass's cell math, the copies and the waits come on top."""
+    units = point.steps * point.batch * point.hidden
+    return point.flops / (gemm_gflops * 1e9) + units * cell_seconds / n_threads
 
 
 @dataclass(frozen=True)
@@ -388,6 +429,9 @@ class Row:
     ``bound_ms`` is :func:`lower_bound_seconds` at the GEMM rate measured next
     to the point (NaN on the GPU), and ``ceiling`` torch's time over it: the
     largest speedup over torch that any implementation could show here.
+    ``cell_ceiling`` is torch's time over :func:`products_and_cell_seconds`
+    (or ``bound_ms``, where longer): the largest speedup nblstm's own cell
+    math leaves room for.
     """
 
     point: str
@@ -400,9 +444,11 @@ class Row:
     gemm_gflops: float
     bound_ms: float = float("nan")
     ceiling: float = float("nan")
+    cell_ceiling: float = float("nan")
 
 
-def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, read_gbps=None):
+def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, read_gbps=None,
+            cell_ns=None):
     """Time one point against the NumPy reference and torch (when installed; on the
     GPU for ``"cuda"``).
 
@@ -410,8 +456,9 @@ def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, read_gbps=None):
     the point (:func:`backend_gemm_rate`): this machine's rate moves by 15-20 %
     within a run (turbo, neighbours on the host), and one rate taken at the
     start of a run made the percentages of later points swing with it. With
-    ``read_gbps`` (:func:`read_rate` per buffer size, CPU only) the row also
-    gets its lower bound and ceiling.
+    ``read_gbps`` (:func:`read_rate` per buffer size) and ``cell_ns``
+    (:func:`cell_seconds_per_unit` in ns, per dtype tag), both measured on the
+    CPU, the row also gets its lower bound and ceilings.
     """
     rate = backend_gemm_rate(backend, DTYPE_TAGS[point.dtype])
     ours = nblstm_runner(point, backend)
@@ -422,11 +469,20 @@ def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, read_gbps=None):
         ours_s, torch_s, vs_torch = median_time(ours, pairs), float("nan"), float("nan")
     vs_numpy = compare(ours, numpy_runner(point), pairs)[2] if with_numpy else float("nan")
     gflops = point.flops / ours_s / 1e9
-    bound_s = float("nan")
+    bound_s = cell_bound_s = float("nan")
     if read_gbps is not None:
         bound_s = lower_bound_seconds(point, rate, read_gbps, threads_l2_bytes())
+    if cell_ns is not None:
+        cell_bound_s = max(bound_s, products_and_cell_seconds(
+            point, rate, cell_ns[point.dtype] * 1e-9, numba.get_num_threads()))
     return Row(point.name(backend), ours_s * 1e3, gflops, 100 * gflops / rate, vs_numpy,
-               vs_torch, torch_s * 1e3, rate, bound_s * 1e3, torch_s / bound_s)
+               vs_torch, torch_s * 1e3, rate, bound_s * 1e3, _over(torch_s, bound_s),
+               _over(torch_s, cell_bound_s))
+
+
+def _over(seconds, bound_seconds):
+    """``seconds / bound_seconds``, NaN for a bound that is not positive."""
+    return seconds / bound_seconds if bound_seconds > 0 else float("nan")
 
 
 @dataclass(frozen=True)
@@ -463,9 +519,10 @@ def check_targets(points, rows, targets=TARGETS):
     Returns one dict per target that covers a measured point (a NaN, such as a
     speedup without torch, is not measured): ``target``, ``points`` (how many
     it covers), ``met``, and ``misses``, each a dict of ``point``, ``value``,
-    ``ceiling`` and ``bound``: for speedup targets, whether the ceiling
-    (:class:`Row`) is below the target, so that no implementation could meet it
-    here; None for the others.
+    ``ceiling``, ``cell_ceiling``, ``bound`` and ``bound_with_cell``: for
+    speedup targets, the row's ceilings (:class:`Row`) and whether each is below
+    the target (no implementation could meet it here; nblstm could not without
+    a faster cell math or products beyond the GEMM rate); None for the others.
     """
     results = []
     for target in targets:
@@ -476,7 +533,10 @@ def check_targets(points, rows, targets=TARGETS):
         speedup = target.quantity.startswith("speedup")
         misses = [{"point": row.point, "value": getattr(row, target.quantity),
                    "ceiling": row.ceiling if speedup else None,
-                   "bound": bool(row.ceiling < target.threshold) if speedup else None}
+                   "cell_ceiling": row.cell_ceiling if speedup else None,
+                   "bound": bool(row.ceiling < target.threshold) if speedup else None,
+                   "bound_with_cell": (bool(row.cell_ceiling < target.threshold)
+                                       if speedup else None)}
                   for row in covered if getattr(row, target.quantity) < target.threshold]
         results.append({"target": target.label, "points": len(covered),
                         "met": len(covered) - len(misses), "misses": misses})
@@ -485,8 +545,9 @@ def check_targets(points, rows, targets=TARGETS):
 
 def format_targets(results):
     """Lines that say how :func:`check_targets`' results stand."""
-    lines = ["Targets (ceiling: torch's time over the lower bound on any implementation's "
-             "time here; bound: a ceiling below the target):"]
+    lines = ["Targets (ceiling: torch's time over a lower bound on any implementation's "
+             "time here; with the cell: over the flops at the GEMM rate plus nblstm's forward "
+             "cell math; bound: a ceiling below the target):"]
     for result in results:
         line = f"  {result['target']}: {result['met']} of {result['points']}"
         described = []
@@ -494,9 +555,10 @@ def format_targets(results):
             if miss["ceiling"] is None:
                 described.append(f"{miss['point']} {miss['value']:.1f}")
                 continue
-            bound = ", bound" if miss["bound"] else ""
-            described.append(f"{miss['point']} {miss['value']:.2f}x "
-                             f"(ceiling {miss['ceiling']:.2f}{bound})")
+            bound = ", bound" if miss["bound"] or miss["bound_with_cell"] else ""
+            described.append(f"{miss['point']} {miss['value']:.2f}x (ceiling "
+                             f"{miss['ceiling']:.2f}, {miss['cell_ceiling']:.2f} with the "
+                             f"cell{bound})")
         if described:
             line += "; misses " + ", ".join(described)
         lines.append(line)
@@ -513,11 +575,12 @@ def _progress(done, total, label):
 def format_table(rows):
     """The rows as a fixed-width text table."""
     lines = [f"{'point':<26} {'ms':>9} {'GFLOP/s':>8} {'%GEMM':>6} {'x numpy':>8} "
-             f"{'x torch':>8} {'torch ms':>9} {'GEMM GF/s':>9} {'ceiling':>7}"]
+             f"{'x torch':>8} {'torch ms':>9} {'GEMM GF/s':>9} {'ceiling':>7} {'w/ cell':>7}"]
     for row in rows:
         lines.append(f"{row.point:<26} {row.ms:9.2f} {row.gflops:8.1f} {row.percent_of_gemm:6.1f}"
                      f" {row.speedup_vs_numpy:8.2f} {row.speedup_vs_torch:8.2f} "
-                     f"{row.torch_ms:9.2f} {row.gemm_gflops:9.0f} {row.ceiling:7.2f}")
+                     f"{row.torch_ms:9.2f} {row.gemm_gflops:9.0f} {row.ceiling:7.2f}"
+                     f" {row.cell_ceiling:7.2f}")
     return "\n".join(lines)
 
 
@@ -601,7 +664,9 @@ def machine_facts(backend):
         return {"device": str(cuda_status()), "gemm_gflops": _gemm_rates(backend),
                 "launch_us": kernel_launch_seconds() * 1e6}
     return {"gemm_gflops": _gemm_rates(backend),
-            "read_gbps": {f"{size}MiB": read_rate(size) for size in READ_SIZES_MIB}}
+            "read_gbps": {f"{size}MiB": read_rate(size) for size in READ_SIZES_MIB},
+            "cell_ns": {tag: 1e9 * cell_seconds_per_unit(dtype)
+                        for tag, dtype in DTYPE_TAGS.items()}}
 
 
 def _gemm_rates(backend):
@@ -621,6 +686,9 @@ def _describe(facts):
     if "read_gbps" in facts:
         lines.append("Read rate: " + ", ".join(f"{size} {rate:.0f} GB/s"
                                                for size, rate in facts["read_gbps"].items()))
+    if "cell_ns" in facts:
+        lines.append("Forward cell math, one thread, data in L1: " + ", ".join(
+            f"{tag} {ns:.2f} ns a unit" for tag, ns in facts["cell_ns"].items()))
     return lines
 
 
@@ -645,7 +713,7 @@ def run(args):
     for done, point in enumerate(points):
         _progress(done, len(points), point.name(args.backend))
         rows.append(measure(point, args.backend, args.pairs, with_numpy=args.numpy,
-                            read_gbps=facts.get("read_gbps")))
+                            read_gbps=facts.get("read_gbps"), cell_ns=facts.get("cell_ns")))
     _progress(len(points), len(points), "done")
     sys.stderr.write("\n")
     targets = [] if on_gpu else check_targets(points, rows)
