@@ -426,9 +426,10 @@ def products_and_cell_seconds(point, gemm_gflops, cell_seconds, n_threads):
 class Row:
     """One measured point of ``python -m nblstm bench``.
 
-    ``bound_ms`` is :func:`lower_bound_seconds` at the GEMM rate measured next
-    to the point (NaN on the GPU), and ``ceiling`` torch's time over it: the
-    largest speedup over torch that any implementation could show here.
+    ``bound_ms`` is :func:`lower_bound_seconds` (NaN on the GPU; see
+    :func:`measure` for the GEMM rate it takes), and ``ceiling`` torch's time
+    over it: the largest speedup over torch that any implementation could
+    show here.
     ``cell_ceiling`` is torch's time over :func:`products_and_cell_seconds`
     (or ``bound_ms``, where longer): the largest speedup nblstm's own cell
     math leaves room for.
@@ -447,8 +448,7 @@ class Row:
     cell_ceiling: float = float("nan")
 
 
-def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, read_gbps=None,
-            cell_ns=None):
+def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, facts=None):
     """Time one point against the NumPy reference and torch (when installed; on the
     GPU for ``"cuda"``).
 
@@ -456,9 +456,10 @@ def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, read_gbps=None,
     the point (:func:`backend_gemm_rate`): this machine's rate moves by 15-20 %
     within a run (turbo, neighbours on the host), and one rate taken at the
     start of a run made the percentages of later points swing with it. With
-    ``read_gbps`` (:func:`read_rate` per buffer size) and ``cell_ns``
-    (:func:`cell_seconds_per_unit` in ns, per dtype tag), both measured on the
-    CPU, the row also gets its lower bound and ceilings.
+    the CPU's ``facts`` (:func:`machine_facts`) the row also gets its lower
+    bound and ceilings, taken at the faster of the GEMM rates measured at the
+    start and next to the point: a bound read against a rate measured in a
+    slow moment would not be one.
     """
     rate = backend_gemm_rate(backend, DTYPE_TAGS[point.dtype])
     ours = nblstm_runner(point, backend)
@@ -470,11 +471,11 @@ def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, read_gbps=None,
     vs_numpy = compare(ours, numpy_runner(point), pairs)[2] if with_numpy else float("nan")
     gflops = point.flops / ours_s / 1e9
     bound_s = cell_bound_s = float("nan")
-    if read_gbps is not None:
-        bound_s = lower_bound_seconds(point, rate, read_gbps, threads_l2_bytes())
-    if cell_ns is not None:
+    if facts is not None and "cell_ns" in facts:
+        fastest = max(rate, facts["gemm_gflops"][point.dtype])
+        bound_s = lower_bound_seconds(point, fastest, facts["read_gbps"], threads_l2_bytes())
         cell_bound_s = max(bound_s, products_and_cell_seconds(
-            point, rate, cell_ns[point.dtype] * 1e-9, numba.get_num_threads()))
+            point, fastest, facts["cell_ns"][point.dtype] * 1e-9, numba.get_num_threads()))
     return Row(point.name(backend), ours_s * 1e3, gflops, 100 * gflops / rate, vs_numpy,
                vs_torch, torch_s * 1e3, rate, bound_s * 1e3, _over(torch_s, bound_s),
                _over(torch_s, cell_bound_s))
@@ -713,7 +714,7 @@ def run(args):
     for done, point in enumerate(points):
         _progress(done, len(points), point.name(args.backend))
         rows.append(measure(point, args.backend, args.pairs, with_numpy=args.numpy,
-                            read_gbps=facts.get("read_gbps"), cell_ns=facts.get("cell_ns")))
+                            facts=facts))
     _progress(len(points), len(points), "done")
     sys.stderr.write("\n")
     targets = [] if on_gpu else check_targets(points, rows)
