@@ -554,7 +554,7 @@ def format_targets(results):
         described = []
         for miss in result["misses"]:
             if miss["ceiling"] is None:
-                described.append(f"{miss['point']} {miss['value']:.1f}")
+                described.append(f"{miss['point']} {miss['value']:.1f} %")
                 continue
             bound = ", bound" if miss["bound"] or miss["bound_with_cell"] else ""
             described.append(f"{miss['point']} {miss['value']:.2f}x (ceiling "

@@ -177,6 +177,10 @@ def test_targets_count_the_points_they_cover_and_name_the_misses():
                                             ("cpu-fwd-f64-H512-B128", False, True)]
     assert (share["points"], share["met"], share["misses"]) == (1, 1, [])
     assert share["target"] == bench.TARGETS[3].label
+    short = [_row(points[3], 1.1, 80.0)]
+    assert bench.format_targets(bench.check_targets(points[3:4], short))[-1] == (
+        "  fp32 B=128 H>=512 at least 85 % of the GEMM rate: 0 of 1; misses "
+        "cpu-fwd-f32-H512-B128 80.0 %")
     text = "\n".join(bench.format_targets(list(results.values())))
     assert ("fp64 at least 1.5x torch: 1 of 4; misses cpu-fwd-f64-H128-B128 1.40x (ceiling "
             "1.60, 1.55 with the cell), cpu-fwd-f64-H512-B1 1.20x (ceiling 1.30, 1.30 with the "
