@@ -858,14 +858,20 @@ DEFAULT_CORE_CACHE_BYTES = 2 ** 20
 #:   1.17/1.22x forward, 1.21/1.20x with backward; H=256 B=8/32 1.12/1.12x and
 #:   1.14/1.05x; f64 H=128 B=32 1.18/1.12x. At 2 rows a worker (B=4)
 #:   0.93-1.07x.
-#: - W_h up to twice a core's L2 (read from L3 every step): from 64 rows a
-#:   worker. f64 H=256 B=64/128 1.02/1.04x with backward, 1.04x forward;
-#:   f32 H=512 B=128 1.01x forward, 1.03x with backward. Fewer rows lose: f64
-#:   H=256 B=8/32 0.87/0.98x forward, f32 H=512 B=64 0.98x.
-#: - Larger W_h: never (f64 H=512 B=128 0.98x, f32 H=1024 B=128 0.95x).
+#: - W_h up to twice a core's L2 (read from L3 every step): from 16 rows a
+#:   worker. Time loops alone (forward / backward), 16 rows: f64 H=256 B=32
+#:   1.146x / 1.132x, f32 H=512 B=32 1.027x / 1.00x (1.056x / 1.02x in a
+#:   first run), f32 H=384 B=32 1.10x / 1.02x; 32 rows: f64 H=256 B=64
+#:   1.132x / 1.106x, f32 H=512 B=64 1.052x / 1.029x. Fewer rows: f32 H=512
+#:   B=24 0.95x / 0.92x, B=16 0.87x / 0.86x. (The fifth session, before the
+#:   back-and-forth claim order and the prefetches, measured whole calls and
+#:   split only from 64 rows: f64 H=256 B=32 lost 0.98x forward then.)
+#: - Larger W_h: never (f64 H=512 B=128 0.98x, f32 H=1024 B=128 0.95x; in the
+#:   time loops alone, 16 rows a worker: f64 H=512 B=32 0.98x / 0.99x, f32
+#:   H=1024 B=32 0.94x / 0.97x).
 MIN_ROWS_PER_TEAM = 4
 MAX_TEAM_WEIGHT_BYTES = core_cache_bytes() // 2
-MIN_ROWS_PER_TEAM_FROM_L3 = 64
+MIN_ROWS_PER_TEAM_FROM_L3 = 16
 MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
 #: The largest slice of W_h one time-loop tile reads (:func:`_tile_units`):
 #: a quarter of a core's L2.

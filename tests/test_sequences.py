@@ -265,12 +265,14 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     rows, bounds = teams(1, full, 128, 2)
     np.testing.assert_array_equal(bounds, [[0, 1, 16, 4], [0, 1, 16, 4]])
     np.testing.assert_array_equal(rows[1, :16], np.arange(16, 32))
-    # A W_h of 4 MiB splits only with 64 rows a worker, each reading all of it.
-    _, bounds = teams(1, np.full(128, 7), 512, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 64, 5], [0, 1, 64, 5]])
+    # A W_h of 4 MiB splits only with MIN_ROWS_PER_TEAM_FROM_L3 rows a worker,
+    # each reading all of it.
+    split = 2 * cpu.MIN_ROWS_PER_TEAM_FROM_L3
+    _, bounds = teams(1, np.full(split, 7), 512, 2)
+    np.testing.assert_array_equal(bounds, [[0, 1, split // 2, 5], [0, 1, split // 2, 5]])
     # Too few rows a worker for the size of W_h, or W_h past every budget:
     # one team shares each step, each member reading half of W_h.
-    for hidden, batch, reads in ((512, 126, 1), (1024, 1000, 3), (256, 6, 0),
+    for hidden, batch, reads in ((512, split - 1, 1), (1024, 1000, 3), (256, 6, 0),
                                  (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1, 0)):
         _, bounds = teams(1, np.full(batch, 7), hidden, 2)
         np.testing.assert_array_equal(bounds, [[0, 1, batch, reads | fits(hidden)]])
