@@ -189,10 +189,31 @@ def test_targets_count_the_points_they_cover_and_name_the_misses():
 
 
 def test_bound_with_the_cell_adds_the_forward_cell_shared_by_the_threads():
+    # B=32, H=512 in f64: a step's product (67 MFLOP, 0.45 ms at 150 GFLOP/s) takes
+    # longer than reading W_h (8 MiB, 0.12 ms), so the steps count at the GEMM rate.
     point = bench.Point(100, 32, 512, "f64", "fwdbwd")
     units = 100 * 32 * 512
-    assert bench.products_and_cell_seconds(point, 150.0, 5e-9, 2) == pytest.approx(
-        point.flops / 150e9 + units * 5e-9 / 2)
+    assert bench.recurrence_seconds(point, 150.0, RATES, 4 * 2 ** 20, 5e-9, 2) == (
+        pytest.approx(point.flops / 150e9 + units * 5e-9 / 2))
+
+
+def test_bound_with_the_cell_adds_the_projection_to_the_reads_where_they_take_longer():
+    point = bench.Point(100, 1, 1024, "f32", "fwd")
+    l2_bytes = 4 * 2 ** 20
+    step_reads = l2_bytes / 200e9 + (4 * 1024 * 1024 * 4 - l2_bytes) / 50e9
+    projection = 2 * 100 * 1 * 1024 * 4 * 1024 / 300e9
+    cell = 100 * 1024 * 2e-9 / 2
+    assert bench.recurrence_seconds(point, 300.0, RATES, l2_bytes, 2e-9, 2) == pytest.approx(
+        projection + 100 * step_reads + cell)
+    # With backward: two passes of reads; dx and the weight gradients at the GEMM rate.
+    both = bench.Point(100, 1, 1024, "f32", "fwdbwd")
+    outside = (both.flops - 200 * both.step_flops) / 300e9
+    assert outside == pytest.approx(4 * projection)  # projection, dx, dW_x, dW_h
+    assert bench.recurrence_seconds(both, 300.0, RATES, l2_bytes, 2e-9, 2) == pytest.approx(
+        outside + 200 * step_reads + cell)
+    # Never below the bound on any implementation.
+    assert bench.recurrence_seconds(both, 300.0, RATES, l2_bytes, 0.0, 2) > (
+        bench.lower_bound_seconds(both, 300.0, RATES, l2_bytes))
 
 
 def test_cell_timing_is_positive_and_finite():
