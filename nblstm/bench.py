@@ -491,9 +491,10 @@ def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, facts=None):
     within a run (turbo, neighbours on the host), and one rate taken at the
     start of a run made the percentages of later points swing with it. With
     the CPU's ``facts`` (:func:`machine_facts`) the row also gets its lower
-    bound and ceilings, taken at the faster of the GEMM rates measured at the
-    start and next to the point: a bound read against a rate measured in a
-    slow moment would not be one.
+    bound and ceilings, taken at the faster of the GEMM rates, and of the cell
+    timings (:func:`cell_seconds_per_unit`), measured at the start and next to
+    the point: a bound read against a rate measured in a slow moment would not
+    be one.
     """
     rate = backend_gemm_rate(backend, DTYPE_TAGS[point.dtype])
     ours = nblstm_runner(point, backend)
@@ -510,7 +511,9 @@ def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, facts=None):
         bound_s = lower_bound_seconds(point, fastest, facts["read_gbps"], threads_l2_bytes())
         cell_bound_s = recurrence_seconds(
             point, fastest, facts["read_gbps"], threads_l2_bytes(),
-            facts["cell_ns"][point.dtype] * 1e-9, numba.get_num_threads())
+            min(facts["cell_ns"][point.dtype] * 1e-9,
+                cell_seconds_per_unit(DTYPE_TAGS[point.dtype])),
+            numba.get_num_threads())
     return Row(point.name(backend), ours_s * 1e3, gflops, 100 * gflops / rate, vs_numpy,
                vs_torch, torch_s * 1e3, rate, bound_s * 1e3, _over(torch_s, bound_s),
                _over(torch_s, cell_bound_s))

@@ -228,18 +228,25 @@ def test_targets_skip_points_measured_without_torch():
     assert bench.check_targets([point], [row]) == []
 
 
-def test_bounds_take_the_faster_of_the_start_and_nearby_gemm_rates(monkeypatch):
+def test_bounds_take_the_faster_of_the_start_and_nearby_rates(monkeypatch):
     point = bench.Point(100, 32, 128, "f32", "fwd")
     monkeypatch.setattr(bench, "backend_gemm_rate", lambda backend, dtype: 100.0)
     monkeypatch.setattr(bench, "nblstm_runner", lambda point, backend: None)
     monkeypatch.setattr(bench, "torch_runner", lambda point, device: object())
     monkeypatch.setattr(bench, "compare", lambda ours, peer, pairs: (0.010, 0.012, 1.2))
+    monkeypatch.setattr(bench, "cell_seconds_per_unit", lambda dtype: 3e-9)
     facts = {"gemm_gflops": {"f32": 300.0}, "read_gbps": RATES, "cell_ns": {"f32": 2.0}}
     row = bench.measure(point, with_numpy=False, facts=facts)
     # The share of the GEMM rate is read against the rate next to the point...
     assert row.percent_of_gemm == pytest.approx(100 * point.flops / 0.010 / 100e9)
-    # ...the bounds against the faster rate of the run's start.
+    # ...the bounds against the faster rate of the run's start, and its faster cell (2 ns
+    # against 3 next to the point).
     assert row.bound_ms == pytest.approx(1e3 * point.flops / 300e9)
     assert row.ceiling == pytest.approx(0.012 / (point.flops / 300e9))
     with_cell = point.flops / 300e9 + 100 * 32 * 128 * 2e-9 / bench.numba.get_num_threads()
+    assert row.cell_ceiling == pytest.approx(0.012 / with_cell)
+    # A cell timed faster next to the point than at the start counts instead.
+    monkeypatch.setattr(bench, "cell_seconds_per_unit", lambda dtype: 1e-9)
+    row = bench.measure(point, with_numpy=False, facts=facts)
+    with_cell = point.flops / 300e9 + 100 * 32 * 128 * 1e-9 / bench.numba.get_num_threads()
     assert row.cell_ceiling == pytest.approx(0.012 / with_cell)
