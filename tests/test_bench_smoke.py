@@ -190,7 +190,7 @@ def test_targets_count_the_points_they_cover_and_name_the_misses():
 
 def test_bound_with_the_cell_adds_the_forward_cell_shared_by_the_threads():
     # B=32, H=512 in f64: a step's product (67 MFLOP, 0.45 ms at 150 GFLOP/s) takes
-    # longer than reading W_h (8 MiB, 0.12 ms), so the steps count at the GEMM rate.
+    # longer than reading W_h (8 MiB, 0.1 ms), so the steps count at the GEMM rate.
     point = bench.Point(100, 32, 512, "f64", "fwdbwd")
     units = 100 * 32 * 512
     assert bench.recurrence_seconds(point, 150.0, RATES, 4 * 2 ** 20, 5e-9, 2) == (
