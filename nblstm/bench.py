@@ -361,7 +361,7 @@ def read_rate(n_mib):
     return rounds * words.nbytes / seconds / 1e9
 
 
-#: Keys of :func:`read_rate`'s results that :func:`lower_bound_seconds` reads: the
+#: Keys of :func:`read_rate`'s results that :func:`w_h_read_seconds` reads: the
 #: smallest buffer's (each thread's share in its core's L2) and the next one's
 #: (the last-level cache).
 L2_READ, BEYOND_L2_READ = (f"{size}MiB" for size in READ_SIZES_MIB[:2])
@@ -508,12 +508,12 @@ def measure(point, backend="cpu", pairs=PAIRS, with_numpy=True, facts=None):
     bound_s = cell_bound_s = float("nan")
     if facts is not None and "cell_ns" in facts:
         fastest = max(rate, facts["gemm_gflops"][point.dtype])
-        bound_s = lower_bound_seconds(point, fastest, facts["read_gbps"], threads_l2_bytes())
-        cell_bound_s = recurrence_seconds(
-            point, fastest, facts["read_gbps"], threads_l2_bytes(),
-            min(facts["cell_ns"][point.dtype] * 1e-9,
-                cell_seconds_per_unit(DTYPE_TAGS[point.dtype])),
-            numba.get_num_threads())
+        l2_bytes = threads_l2_bytes()
+        bound_s = lower_bound_seconds(point, fastest, facts["read_gbps"], l2_bytes)
+        cell_s = min(facts["cell_ns"][point.dtype] * 1e-9,
+                     cell_seconds_per_unit(DTYPE_TAGS[point.dtype]))
+        cell_bound_s = recurrence_seconds(point, fastest, facts["read_gbps"], l2_bytes, cell_s,
+                                          numba.get_num_threads())
     return Row(point.name(backend), ours_s * 1e3, gflops, 100 * gflops / rate, vs_numpy,
                vs_torch, torch_s * 1e3, rate, bound_s * 1e3, _over(torch_s, bound_s),
                _over(torch_s, cell_bound_s))
@@ -561,7 +561,8 @@ def check_targets(points, rows, targets=TARGETS):
     ``ceiling``, ``cell_ceiling``, ``bound`` and ``bound_with_cell``: for
     speedup targets, the row's ceilings (:class:`Row`) and whether each is below
     the target (no implementation could meet it here; nblstm could not without
-    a faster cell math or products beyond the GEMM rate); None for the others.
+    a faster cell math, products beyond the GEMM rate or reads of W_h beyond the
+    measured rates); None for the others.
     """
     results = []
     for target in targets:
