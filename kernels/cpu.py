@@ -53,6 +53,7 @@ from .gemm import (
     add_into,
     aligned_like,
     block_columns,
+    chunk_sums_shape,
     column_sums,
     copy_into,
     empty_panels,
@@ -60,6 +61,7 @@ from .gemm import (
     matmul_packing,
     pack_gate_panels,
     pack_panels,
+    pack_panels_summing,
     packing_scratch_shape,
     packs_as_it_goes,
     panel_shape,
@@ -685,6 +687,7 @@ def backward(x, w_x, w_h, saved, lengths, dy, dh_n, dc_n, empty=None):
         empty_panels((n_dirs,) + panel_shape((four_hidden, hidden), dtype), dtype, "w_h_t"),
         empty_panels((n_dirs,) + panel_shape((four_hidden, inputs), dtype), dtype, "w_x_t"),
         empty_panels(panel_shape((n_valid, four_hidden), dtype), dtype, "dz"),
+        WORKSPACE.empty("dz_sums", chunk_sums_shape(n_valid, four_hidden), dtype),
         WORKSPACE.empty("x_t", (inputs, n_valid), dtype),
         WORKSPACE.empty("h_t", (hidden, n_valid), dtype),
         empty_panels(packing_scratch_shape(n_workers, dtype), dtype, "chunks"))
@@ -729,12 +732,14 @@ def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy
     dc0 (D, B, H), dW_x (D, I, 4H), dW_h (D, H, 4H), db (D, 4H)) to write, or
     zero-size arrays where this allocates them (:func:`_backward_outputs`);
     workspace: (d_gates (D, T, B, 4H), W_h^T panels, W_x^T panels, d_gates
-    panels, x^T (I, V), h^T (H, V), the scratch of
+    panels, the d_gates' sums by chunk of rows (:func:`.gemm.chunk_sums_shape`),
+    x^T (I, V), h^T (H, V), the scratch of
     :func:`.gemm.matmul_packing`, which dx uses instead of the W_x^T panels
     when it has few rows), V the valid (time, row) pairs; n_workers, budgets:
     as in :func:`_forward_driver`. Returns the results, as :func:`backward`.
     """
-    d_gates, w_h_t_panels, w_x_t_panels, dz_panels, x_valid_t, h_valid_t, chunks = workspace
+    (d_gates, w_h_t_panels, w_x_t_panels, dz_panels, dz_sums, x_valid_t, h_valid_t,
+     chunks) = workspace
     n_dirs, steps, batch, four_hidden = gates.shape
     inputs = x.shape[2]
     hidden = four_hidden // N_GATES
@@ -768,13 +773,12 @@ def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy
         else:
             pack_panels(w_x[d], _run_time(True), _run_time(0), inputs, w_x_t_panels[d])
             matmul(flat_d_gates[d], w_x_t_panels[d], rows, dx, d > 0, no_bias)
-        pack_panels(_valid_pairs(flat_d_gates[d], rows), _run_time(False), _run_time(0),
-                    four_hidden, dz_panels)
+        pack_panels_summing(_valid_pairs(flat_d_gates[d], rows), dz_panels, dz_sums)
+        column_sums(dz_sums.reshape(1, dz_sums.shape[0], four_hidden), db[d:d + 1])
         matmul(x_valid_t, dz_panels, input_rows, dw_x[d], _run_time(False), no_bias)
         states = hidden_states[d].reshape(-1, hidden)[:steps * batch]
         transpose_into(_valid_pairs(states, rows), h_valid_t)
         matmul(h_valid_t, dz_panels, hidden_rows, dw_h[d], _run_time(False), no_bias)
-    column_sums(flat_d_gates, db)
     return dx_steps, dh0, dc, dw_x, dw_h, db
 
 

@@ -680,6 +680,58 @@ def pack_panels(matrix, transposed, col_offset, n_cols, panels):
                        min(k_lo + PACK_ROWS, depth))
 
 
+@njit(inline="always")
+def _copy_adding(source, destination, sums):
+    """``destination[:n] = source`` and ``sums += source``, n = len(source), in
+    one vectorizable loop: each value is added while it is in a register."""
+    for j in range(source.shape[0]):
+        value = source[j]
+        destination[j] = value
+        sums[j] += value
+
+
+def chunk_sums_shape(n_rows, n_cols):
+    """Shape of :func:`pack_panels_summing`'s ``chunk_sums`` for a (n_rows,
+    n_cols) matrix: (ceil(n_rows / PACK_ROWS), n_cols)."""
+    return (-(-n_rows // PACK_ROWS), n_cols)
+
+
+@njit(parallel=True, cache=True)
+def pack_panels_summing(matrix, panels, chunk_sums):
+    """:func:`pack_panels` of all of ``matrix`` (not transposed), summing its
+    columns on the way.
+
+    matrix: (K, N) C-contiguous; panels: (ceil(N / W), K, W) out, as
+    pack_panels writes them; chunk_sums: (ceil(K / PACK_ROWS), N) out
+    (:func:`chunk_sums_shape`): row c the sum of rows [c * PACK_ROWS, (c + 1)
+    * PACK_ROWS) of ``matrix``, added in order. Their column sums (in order,
+    :func:`column_sums`) are the matrix's: the bias gradient comes from the
+    pass that packs the gate gradients, each value added as it is copied,
+    instead of from a pass of its own over all of them. Either way the order
+    of the additions is fixed by the shapes, not by the thread count.
+    Measured on a 2-core AVX-512 machine, packing and bias gradient together,
+    against packing and then summing every row: f64 (12800 x 1024) 1.15x,
+    (3200 x 2048) 1.06x, (12800 x 4096) 1.06x; f32 (12800 x 2048) 1.19x
+    (0.3-3 ms a call; whole fwd+bwd calls gain less than their noise).
+    """
+    n_panels, depth, width = panels.shape
+    n_cols = matrix.shape[1]
+    for chunk in prange((depth + PACK_ROWS - 1) // PACK_ROWS):
+        k_lo = chunk * PACK_ROWS
+        k_hi = min(k_lo + PACK_ROWS, depth)
+        sums = chunk_sums[chunk]
+        for j in range(n_cols):
+            sums[j] = 0
+        for block in range(n_panels):
+            col = block * width
+            n_valid = min(width, n_cols - col)
+            panel, block_sums = panels[block], sums[col:col + n_valid]
+            for k in range(k_lo, k_hi):
+                _copy_adding(matrix[k, col:col + n_valid], panel[k], block_sums)
+                for j in range(n_valid, width):
+                    panel[k, j] = 0
+
+
 @njit(parallel=True, cache=True)
 def pack_gate_panels(weights, panels):
     """Pack each group of columns of each direction's weights, in one parallel pass.

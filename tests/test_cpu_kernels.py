@@ -230,6 +230,24 @@ def test_column_sums_add_every_row_of_each_matrix(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_rows", [0, 1, gemm.PACK_ROWS, 3 * gemm.PACK_ROWS + 5])
+def test_packing_with_sums_packs_as_pack_panels_and_sums_each_chunk(n_rows, dtype):
+    # Columns ragged past the last panel; rows ragged past the last chunk.
+    matrix = np.random.default_rng(n_rows).standard_normal((n_rows, 37)).astype(dtype)
+    panels = np.full(gemm.panel_shape(matrix.shape, dtype), np.nan, dtype)
+    chunk_sums = np.full(gemm.chunk_sums_shape(*matrix.shape), np.nan, dtype)
+    gemm.pack_panels_summing(matrix, panels, chunk_sums)
+    np.testing.assert_array_equal(panels, packed(matrix))
+    assert chunk_sums.shape == (-(-n_rows // gemm.PACK_ROWS), matrix.shape[1])
+    for chunk, sums in enumerate(chunk_sums):
+        rows = matrix[chunk * gemm.PACK_ROWS:(chunk + 1) * gemm.PACK_ROWS]
+        expected = rows[0].copy()
+        for row in rows[1:]:
+            expected += row
+        np.testing.assert_array_equal(sums, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_transpose_copies_exactly(dtype):
     # Whole blocks (transposed in registers) and ragged ones (value by value).
     matrix = np.random.default_rng(5).standard_normal((70, 33)).astype(dtype)
