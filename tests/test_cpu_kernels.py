@@ -1,4 +1,6 @@
 """The CPU building blocks on their own: the SIMD products and the vectorizable cell math."""
+import math
+
 import numpy as np
 import pytest
 from numba import njit
@@ -238,7 +240,7 @@ def test_packing_with_sums_packs_as_pack_panels_and_sums_each_chunk(n_rows, dtyp
     chunk_sums = np.full(gemm.chunk_sums_shape(*matrix.shape), np.nan, dtype)
     gemm.pack_panels_summing(matrix, panels, chunk_sums)
     np.testing.assert_array_equal(panels, packed(matrix))
-    assert chunk_sums.shape == (-(-n_rows // gemm.PACK_ROWS), matrix.shape[1])
+    assert chunk_sums.shape == (math.ceil(n_rows / gemm.PACK_ROWS), matrix.shape[1])
     for chunk, sums in enumerate(chunk_sums):
         rows = matrix[chunk * gemm.PACK_ROWS:(chunk + 1) * gemm.PACK_ROWS]
         expected = rows[0].copy()
