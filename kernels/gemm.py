@@ -642,8 +642,15 @@ def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_h
     else:
         for k in range(k_lo, k_hi):
             copy_into(matrix[k, col:col + n_valid], panel[k - panel_first_k])
-    for k in range(k_lo - panel_first_k, k_hi - panel_first_k):
-        for j in range(n_valid, width):
+    _clear_columns_past(panel, n_valid, k_lo - panel_first_k, k_hi - panel_first_k)
+
+
+@njit(inline="always")
+def _clear_columns_past(panel, n_valid, row_lo, row_hi):
+    """Zero columns [n_valid, W) of rows [row_lo, row_hi) of a (K, W) panel:
+    those past the matrix's last column."""
+    for k in range(row_lo, row_hi):
+        for j in range(n_valid, panel.shape[1]):
             panel[k, j] = 0
 
 
@@ -728,8 +735,7 @@ def pack_panels_summing(matrix, panels, chunk_sums):
             panel, block_sums = panels[block], sums[col:col + n_valid]
             for k in range(k_lo, k_hi):
                 _copy_adding(matrix[k, col:col + n_valid], panel[k], block_sums)
-                for j in range(n_valid, width):
-                    panel[k, j] = 0
+            _clear_columns_past(panel, n_valid, k_lo, k_hi)
 
 
 @njit(parallel=True, cache=True)
