@@ -68,10 +68,11 @@ from .gemm import (
     panel_width,
     product_tile,
     row_address,
+    stream_into,
     transpose_into,
     use_full_vector_width,
 )
-from .sync import claim, counters, finish, wait_until_done
+from .sync import claim, counters, finish, store_fence, wait_until_done
 
 #: Hidden units per tile, at most (:func:`_tile_units`): a tile's slice of
 #: W_h is (H, 4 * units). A multiple of the products' block width, so tiles
@@ -161,12 +162,17 @@ def _load_gates(scratch, gates, hidden, unit_lo, unit_hi):
 
 
 @njit(inline="always")
-def _store_gates(scratch, gates, hidden, unit_lo, unit_hi):
-    """The inverse of :func:`_load_gates`."""
+def _store_gates(scratch, gates, hidden, unit_lo, unit_hi, streaming):
+    """The inverse of :func:`_load_gates`; with non-temporal stores
+    (:func:`.gemm.stream_into`) where ``streaming``."""
     n_units = unit_hi - unit_lo
     for gate in range(N_GATES):
-        copy_into(scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units],
-                  gates[gate * hidden + unit_lo:gate * hidden + unit_hi])
+        source = scratch[gate * UNITS_PER_TILE:gate * UNITS_PER_TILE + n_units]
+        destination = gates[gate * hidden + unit_lo:gate * hidden + unit_hi]
+        if streaming:
+            stream_into(source, destination)
+        else:
+            copy_into(source, destination)
 
 
 @njit(inline="always")
@@ -426,16 +432,20 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     copy_into(c_prev, _segment(row_scratch, _C_PREV, n_units))
                     forward_units(row_scratch, n_units)
                     if save:
-                        _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                        # In place, over the row just loaded, so still cached.
+                        _store_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi,
+                                     False)
                     c_t = _segment(row_scratch, _C_PREV, n_units)
                     h_t = _segment(row_scratch, _DH, n_units)
                     copy_into(c_t, c_ring[d, 1 - prev, r, unit_lo:unit_hi])
                     copy_into(h_t, h_ring[d, 1 - prev, r, unit_lo:unit_hi])
                     copy_into(h_t, y[t, r, d * hidden + unit_lo:d * hidden + unit_hi])
                     if save:
-                        copy_into(h_prev[r, unit_lo:unit_hi],
-                                  hidden_states[d, t, r, unit_lo:unit_hi])
-                        copy_into(c_prev, cell_states[d, t, r, unit_lo:unit_hi])
+                        stream_into(h_prev[r, unit_lo:unit_hi],
+                                    hidden_states[d, t, r, unit_lo:unit_hi])
+                        stream_into(c_prev, cell_states[d, t, r, unit_lo:unit_hi])
+                if save:
+                    store_fence()
                 finish(done[team], step)
             wait_until_done(done[team], step, n_tiles)
 
@@ -509,8 +519,10 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                         copy_into(c_prev, _segment(row_scratch, _C_PREV, n_units))
                         copy_into(dc, _segment(row_scratch, _DC, n_units))
                         backward_units(row_scratch, n_units)
-                        _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi)
+                        _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi,
+                                     True)
                         copy_into(_segment(row_scratch, _DC, n_units), dc)
+                store_fence()
                 finish(done[team], order)
             wait_until_done(done[team], order, n_tiles)
 

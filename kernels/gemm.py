@@ -618,6 +618,59 @@ def copy_into(source, destination):
         destination[j] = source[j]
 
 
+@intrinsic
+def _stream_line(typingctx, source, destination):
+    """Copy the CACHE_LINE_BYTES bytes at byte address ``source`` to
+    ``destination``, a line boundary, with a non-temporal store: the line is
+    written to memory without first being read into the cache."""
+    if not all(isinstance(arg, types.Integer) for arg in (source, destination)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = ir.IntType(64)
+        line = ir.VectorType(word, CACHE_LINE_BYTES // (word.width // BITS_PER_BYTE))
+        source_pointer, destination_pointer = (
+            builder.inttoptr(context.cast(builder, value, value_type, types.int64),
+                             line.as_pointer())
+            for value, value_type in zip(args, signature.args))
+        value = builder.load(source_pointer, align=1)
+        store = builder.store(value, destination_pointer, align=CACHE_LINE_BYTES)
+        store.set_metadata("nontemporal",
+                           builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.void(source, destination), codegen
+
+
+@njit(inline="always")
+def stream_into(source, destination):
+    """``destination[:n] = source`` for 1-D arrays, n = len(source): with
+    non-temporal stores where ``destination`` is whole cache lines (its
+    first byte on a line boundary, n values a whole number of lines) and
+    both are contiguous; with :func:`copy_into` otherwise.
+
+    For outputs that nothing reads again soon: an ordinary store first reads
+    its line into the cache, a non-temporal one does not. The writing thread
+    must fence (:func:`.sync.store_fence`) before another thread may rely on
+    seeing the values. Measured on a 2-core AVX-512 machine, backward time
+    loops alone, the gate gradients streamed against stored: f64 H=256 B=8
+    1.19x, B=128 1.11x, H=512 B=128 1.07x, H=1024 B=128 1.045x; f32 H=512
+    B=8 1.14x, B=128 1.026x, H=128 B=128 1.025x; f64 H=1024 B=1 1.00x.
+    A version that also streamed the whole lines after a partial first one
+    kept a third of the gain at f64 H=512 B=128 (1.02x).
+    """
+    itemsize = destination.itemsize
+    start = np.int64(destination.ctypes.data)
+    n_bytes = source.shape[0] * itemsize
+    if (start % CACHE_LINE_BYTES != 0 or n_bytes % CACHE_LINE_BYTES != 0
+            or source.strides[0] != itemsize or destination.strides[0] != itemsize):
+        copy_into(source, destination)
+        return
+    source_start = np.int64(source.ctypes.data)
+    for offset in range(0, n_bytes, CACHE_LINE_BYTES):
+        _stream_line(source_start + offset, start + offset)
+
+
 @njit(inline="always")
 def _pack_block(matrix, transposed, col_offset, n_cols, panels, block, k_lo, k_hi,
                 panel_first_k):

@@ -155,9 +155,29 @@ def claim(claims, task, step):
     return False
 
 
+@intrinsic
+def store_fence(typingctx):
+    """Make this thread's earlier non-temporal stores (:func:`.gemm.stream_into`)
+    visible before any of its later stores: x86 ``sfence`` (x86 orders
+    ordinary stores without it, but not non-temporal ones); elsewhere a
+    sequentially consistent fence."""
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            sfence = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(sfence, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 @njit(inline="always")
 def finish(done, step_slot):
-    """Count one finished task of a step. done: from :func:`counters`."""
+    """Count one finished task of a step. done: from :func:`counters`. A
+    task that made non-temporal stores fences (:func:`store_fence`) first."""
     atomic_add(done, step_slot * SLOT_STRIDE, 1)
 
 

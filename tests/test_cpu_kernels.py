@@ -7,7 +7,7 @@ from numba import njit
 
 import nblstm
 from nblstm import clear_workspace
-from nblstm.kernels import cell, gemm
+from nblstm.kernels import cell, gemm, sync
 
 DTYPES = [np.float32, np.float64]
 #: Allowed error of the exp/sigmoid/tanh in units of the dtype's epsilon.
@@ -256,6 +256,41 @@ def test_transpose_copies_exactly(dtype):
     out = np.full((33, 70), np.nan, dtype)
     gemm.transpose_into(matrix, out)
     np.testing.assert_array_equal(out, matrix.T)
+
+
+@njit
+def _stream(source, destination):
+    gemm.stream_into(source, destination)
+    sync.store_fence()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first", [0, 1], ids=["on-a-line", "off-a-line"])
+@pytest.mark.parametrize("n_lines, extra", [(0, 0), (1, 0), (3, 0), (2, 3)])
+@pytest.mark.parametrize("source_step", [1, 2])
+def test_streaming_copies_exactly_and_nothing_more(dtype, first, n_lines, extra, source_step):
+    """Whole lines from a line boundary take the non-temporal stores; a
+    destination off a line, a partial line or a strided source is copied
+    value by value. Either way the values land, and only the n asked for."""
+    per_line = gemm.CACHE_LINE_BYTES // np.dtype(dtype).itemsize
+    n_values = n_lines * per_line + extra
+    values = np.random.default_rng(n_values + first).standard_normal(2 * n_values).astype(dtype)
+    source = values[::source_step][:n_values]
+    destination = gemm.aligned_empty((n_values + 2 * per_line,), dtype)
+    destination[:] = np.nan
+    _stream(source, destination[first:first + n_values])
+    np.testing.assert_array_equal(destination[first:first + n_values], source)
+    assert np.isnan(destination[:first]).all() and np.isnan(destination[first + n_values:]).all()
+
+
+def test_streaming_compiles_to_non_temporal_stores_and_a_fence():
+    source = np.arange(2.0 * gemm.CACHE_LINE_BYTES)
+    _stream(source, gemm.aligned_empty(source.shape, source.dtype))
+    for signature in _stream.signatures:
+        assert "!nontemporal" in _stream.inspect_llvm(signature)
+        if sync._X86:
+            asm = _stream.inspect_asm(signature)
+            assert "movnt" in asm and "sfence" in asm
 
 
 def test_workspace_is_reused_and_released():
