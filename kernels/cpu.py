@@ -4,7 +4,10 @@ Shape of the work (DESIGN.md): the input projection ``x @ W_x + b`` is one
 product per direction before the time loop; inside the loop each step is a
 set of tiles of (direction, active batch rows, hidden units), each computing
 the recurrent product for its units (all four gates) and applying the cell
-math right there, with no BLAS call. One parallel region runs all the steps.
+math right there, with no BLAS call; what a tile writes for after the loop
+(backward's gate gradients, forward's saved h and c) goes out with
+non-temporal stores (:func:`.gemm.stream_into`), fenced before the tile
+counts as finished. One parallel region runs all the steps.
 Its workers form teams (:func:`_teams`): each direction, and each group of
 batch rows, is a recurrence of its own, so a team that owns one never waits
 for another; within a team the workers claim a step's tiles and wait on a
