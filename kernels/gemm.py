@@ -1032,9 +1032,16 @@ def empty_panels(shape, dtype, name):
 #: columns run. Tiles are evened out below these sizes (:func:`_even_tile`).
 TILE_ROWS = 96
 TILE_COLS = 256
-#: Depth of one pass over a tile: the (depth x block columns) panel of ``b``
-#: stays in L1 while the tile's row blocks use it.
-TILE_DEPTH = 256
+#: Depth of one pass over a tile: each register block runs this many values
+#: of k between a load and a store of its sums in ``out``, over a (depth x
+#: block columns) panel chunk of ``b`` that the tile's row blocks read from
+#: L2 (64 KiB at 256, past a 48 KiB L1 already). Measured on a 2-core
+#: AVX-512 machine, products alone, 512 against 256: f64 (12800 x 1024) @
+#: (1024 x 4096) 1.042x twice, (12800 x 4096) @ (4096 x 1024) 1.043x /
+#: 1.056x, (512 x 12800) @ (12800 x 2048) 1.049x / 1.042x, (3200 x 512) @
+#: (512 x 2048) 1.026x; f32 1.014x / 1.022x, 1.069x / 1.073x, 1.054x /
+#: 1.068x, 0.995x. 768 and 1024 gained no more (f64 0.98-1.01x of 512).
+TILE_DEPTH = 512
 #: Tile height when a tile's columns of ``b`` over all of k (depth x
 #: TILE_COLS) exceed TALL_TILE_B_BYTES, as in the weight gradients (k = T*B):
 #: they stream from memory once per row tile, so taller tiles stream them
@@ -1128,11 +1135,13 @@ def matmul(a, panels, rows, out, accumulate, bias):
 #: a product packs b as it goes (:func:`matmul_packing`): all the rows run
 #: over each packed chunk of b, so the chunk of a they read must stay in the
 #: core's cache while the worker's column tiles run. Up to 256 rows in
-#: float32 and 128 in float64: the input projection at T=100, B=1 (and B=2 in
-#: float32). Measured on a 2-core AVX-512 machine, the projection with its
-#: packing, T=100, I=H=1024: 1.17-1.59x at B=1 and 1.66x at B=2 (noisy
-#: host), 0.98x at B=8 (float32, 800 rows, above this limit).
-PACKING_MAX_A_CHUNK_BYTES = 2 ** 18
+#: float32 and 128 in float64 (at a TILE_DEPTH of 512): the input projection
+#: at T=100, B=1 (and B=2 in float32). Measured on a 2-core AVX-512 machine,
+#: the projection with its packing, T=100, I=H=1024: 1.17-1.59x at B=1 and
+#: 1.66x at B=2 (noisy host), 0.98x at B=8 (float32, 800 rows, above this
+#: limit). The packing product over 100 rows at depth 512 against 256:
+#: f32 0.99-1.02x, f64 0.97-1.01x.
+PACKING_MAX_A_CHUNK_BYTES = 2 ** 19
 
 
 @njit(inline="always")

@@ -36,7 +36,7 @@ def assert_product_close(actual, expected, depth, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (6, 16, 16), (13, 300, 37),
-                                   (100, 257, 130), (100, 64, 600), (200, 64, 1),
+                                   (100, gemm.TILE_DEPTH + 1, 130), (100, 64, 600), (200, 64, 1),
                                    (200, 1100, 70)])
 def test_matmul_matches_numpy(shape, dtype):
     rng = np.random.default_rng(sum(shape))
@@ -69,7 +69,7 @@ def test_matmul_touches_only_listed_rows_and_reads_a_transposed_panel(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (13, 300, 37), (100, 600, 1030),
-                                   (24, 257, 2 * gemm.TILE_COLS + 8)])
+                                   (24, gemm.TILE_DEPTH + 1, 2 * gemm.TILE_COLS + 8)])
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_packing_product_equals_the_product_of_packed_b(shape, dtype, n_workers, transposed):
