@@ -1040,7 +1040,8 @@ TILE_COLS = 256
 #: (1024 x 4096) 1.042x twice, (12800 x 4096) @ (4096 x 1024) 1.043x /
 #: 1.056x, (512 x 12800) @ (12800 x 2048) 1.049x / 1.042x, (3200 x 512) @
 #: (512 x 2048) 1.026x; f32 1.014x / 1.022x, 1.069x / 1.073x, 1.054x /
-#: 1.068x, 0.995x. 768 and 1024 gained no more (f64 0.98-1.01x of 512).
+#: 1.068x, 0.995x. 768 and 1024 gained no more (0.96-1.00x of 512 in f64,
+#: 0.99-1.02x in f32).
 TILE_DEPTH = 512
 #: Tile height when a tile's columns of ``b`` over all of k (depth x
 #: TILE_COLS) exceed TALL_TILE_B_BYTES, as in the weight gradients (k = T*B):
