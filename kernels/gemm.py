@@ -1132,24 +1132,24 @@ def matmul(a, panels, rows, out, accumulate, bias):
                 add_into(tile_bias, out[rows[n], col_lo:col_hi])
 
 
-#: Most bytes of a's rows over one depth chunk (rows x TILE_DEPTH) for which
-#: a product packs b as it goes (:func:`matmul_packing`): all the rows run
-#: over each packed chunk of b, so the chunk of a they read must stay in the
-#: core's cache while the worker's column tiles run. Up to 256 rows in
-#: float32 and 128 in float64 (at a TILE_DEPTH of 512): the input projection
-#: at T=100, B=1 (and B=2 in float32). Measured on a 2-core AVX-512 machine,
-#: the projection with its packing, T=100, I=H=1024: 1.17-1.59x at B=1 and
-#: 1.66x at B=2 (noisy host), 0.98x at B=8 (float32, 800 rows, above this
-#: limit). The packing product over 100 rows at depth 512 against 256:
-#: f32 0.99-1.02x, f64 0.97-1.01x.
-PACKING_MAX_A_CHUNK_BYTES = 2 ** 19
+#: Most bytes of a's rows per value of k (rows x itemsize) for which a
+#: product packs b as it goes (:func:`matmul_packing`): all the rows run over
+#: each packed chunk of b, so the chunk of a they read (TILE_DEPTH times
+#: this, 512 KiB) must stay in the core's cache while the worker's column
+#: tiles run. Up to 256 rows in float32 and 128 in float64: the input
+#: projection at T=100, B=1 (and B=2 in float32). Measured on a 2-core
+#: AVX-512 machine, the projection with its packing, T=100, I=H=1024:
+#: 1.17-1.59x at B=1 and 1.66x at B=2 (noisy host), 0.98x at B=8 (float32,
+#: 800 rows, above this limit). The packing product over 100 rows at depth
+#: 512 against 256: f32 0.99-1.02x, f64 0.97-1.01x.
+PACKING_MAX_ROW_BYTES = 2 ** 10
 
 
 @njit(inline="always")
 def packs_as_it_goes(n_rows, itemsize):
     """Whether a product over ``n_rows`` rows of a packs b as it goes
     (:func:`matmul_packing`) rather than reading b packed beforehand."""
-    return n_rows * TILE_DEPTH * itemsize <= PACKING_MAX_A_CHUNK_BYTES
+    return n_rows * itemsize <= PACKING_MAX_ROW_BYTES
 
 
 def packing_scratch_shape(n_workers, dtype):
