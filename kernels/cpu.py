@@ -52,6 +52,7 @@ from numba import njit, prange, types
 from .cell import N_GATES, cell_backward, cell_state, gate_activations, step_time
 from .gemm import (
     BLOCK_ROWS,
+    TILE_DEPTH,
     WORKSPACE,
     add_into,
     aligned_like,
@@ -118,9 +119,9 @@ def _list_running(step, lengths, owned, batch, running, gate_rows, next_rows):
 
 
 @njit(inline="always")
-def _tile_bounds(tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden, order):
+def _tile_bounds(tile, n_row_tiles, n_unit_tiles, tile_rows, tile_units, n_rows, hidden, order):
     """(direction, first/last running-row position, first/last unit) of a tile
-    of ``tile_units`` units at step ``order``.
+    of ``tile_rows`` rows by ``tile_units`` units at step ``order``.
 
     Row tiles vary fastest, so the contiguous run of tiles a thread gets
     covers few units (few columns of W_h) across all rows. On odd steps,
@@ -140,9 +141,9 @@ def _tile_bounds(tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden, or
     row_tile = rest % n_row_tiles
     if order % 2 == 1:
         row_tile = n_row_tiles - 1 - row_tile
-    row_lo = row_tile * ROWS_PER_TILE
+    row_lo = row_tile * tile_rows
     unit_lo = (rest // n_row_tiles) * tile_units
-    return (direction, row_lo, min(row_lo + ROWS_PER_TILE, n_rows),
+    return (direction, row_lo, min(row_lo + tile_rows, n_rows),
             unit_lo, min(unit_lo + tile_units, hidden))
 
 
@@ -235,15 +236,15 @@ def backward_units(scratch, n_units):
 
 
 @njit(inline="always")
-def _most_tiles(n_dirs, batch, hidden, tile_units):
+def _most_tiles(n_dirs, batch, hidden, tile_rows, tile_units):
     """Tiles of a step with every row running: D * row tiles * unit tiles."""
-    return n_dirs * -(-batch // ROWS_PER_TILE) * -(-hidden // tile_units)
+    return n_dirs * -(-batch // tile_rows) * -(-hidden // tile_units)
 
 
 @njit(inline="always")
-def _step_tiles(n_rows, n_dirs, n_unit_tiles):
+def _step_tiles(n_rows, n_dirs, n_unit_tiles, tile_rows):
     """(row tiles, tiles) of a step with ``n_rows`` running rows."""
-    n_row_tiles = (n_rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
+    n_row_tiles = (n_rows + tile_rows - 1) // tile_rows
     return n_row_tiles, n_dirs * n_row_tiles * n_unit_tiles
 
 
@@ -322,7 +323,7 @@ def _next_unit_panel(panels, unit_lo, tile_units, hidden, order, wanted):
 
 
 @njit(inline="always")
-def _prefetches_next_unit(slices_fit, row_lo, n_row_tiles):
+def _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, tile_rows):
     """Whether a time-loop tile whose rows start at ``row_lo`` prefetches the
     next unit tile's W_h (:func:`_next_unit_panel`): where two tiles' slices
     of W_h fit beside each other in L2 (``slices_fit``), or where it is the
@@ -340,7 +341,7 @@ def _prefetches_next_unit(slices_fit, row_lo, n_row_tiles):
     prefetch: f32 H=1024 B=128 1.025x backward, 1.027x forward, B=32 1.035x
     and 1.016x, f64 H=1024 B=32 1.003x and 1.021x.
     """
-    return slices_fit or row_lo // ROWS_PER_TILE == n_row_tiles - 1
+    return slices_fit or row_lo // tile_rows == n_row_tiles - 1
 
 
 @njit(inline="always")
@@ -356,6 +357,29 @@ def _reads_in_chunks(in_chunks, n_row_tiles):
 
 
 @njit(inline="always")
+def _product_in_passes(a, a_rows, out_rows, row_lo, row_hi, panels, pass_depth, unit_lo, unit_hi,
+                       out, streams, following, in_chunks):
+    """``out[s, unit_lo:unit_hi] = a[r] @ b[:, unit_lo:unit_hi]`` for a time
+    loop's tile (:func:`.gemm.product_tile`, all of k from 0): in passes over
+    ``pass_depth`` values of k at a time, each over every panel of the tile
+    and every row, so that the rows' slice of ``a`` for a pass stays in L2
+    while the tile's panels stream through; one pass where ``pass_depth``
+    covers k. The blocks of the last panel of a pass prefetch the first
+    panel's rows of the next pass, those of the last pass ``following``.
+    Each element sums over k in the same order either way; a block of so
+    few accumulators that it splits k into interleaved sums (see
+    :data:`.gemm.MIN_CHAINS`) rounds by its passes.
+    """
+    depth = panels.shape[1]
+    width = panels.shape[2]
+    for k_lo in range(0, depth, pass_depth):
+        k_hi = min(k_lo + pass_depth, depth)
+        after = following if k_hi == depth else row_address(panels[unit_lo // width], k_hi)
+        product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, unit_lo, unit_hi,
+                     out, 0, k_lo > 0, 0, streams, after, in_chunks)
+
+
+@njit(inline="always")
 def _worker_rows(row_lists, worker, n_dirs):
     """``worker``'s (running (B,), gate_rows (D, B), next_rows (D, B)) for
     :func:`_list_running`, views of row_lists (workers, 1 + 2D, B)."""
@@ -364,7 +388,7 @@ def _worker_rows(row_lists, worker, n_dirs):
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
-def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bounds, tile_units,
+def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bounds, tiles,
                  row_lists, claims, done, scratch, y, hidden_states, cell_states):
     """Run the recurrence of every direction over all steps.
 
@@ -377,7 +401,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                    is in slot ``lengths[b] % 2`` on exit
     lengths:       (B,) int64, 0 <= lengths[b] <= T
     team_rows, team_bounds: (teams, B), (teams, 4) int64 from :func:`_teams`
-    tile_units:    hidden units per tile, from :func:`_tile_units`
+    tiles:         (rows, units, pass depth) of a tile, from :func:`_tile_shape`;
+                   at most UNITS_PER_TILE units, and the product in one pass
     row_lists:     (workers, 1 + 2D, B) int64 scratch (:func:`_worker_rows`)
     claims, done:  (teams, ...) int64 claim and step counters (:func:`.sync.counters`)
     scratch:       (workers, SCRATCH_SEGMENTS * UNITS_PER_TILE) from :func:`_work_plan`
@@ -394,6 +419,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
     batch, hidden = h_ring.shape[2], h_ring.shape[3]
     steps = y.shape[0]
     save = hidden_states.shape[1] > 0
+    tile_rows, tile_units, _ = tiles
     n_unit_tiles = (hidden + tile_units - 1) // tile_units
     n_workers = row_lists.shape[0]
     for worker in prange(n_workers):
@@ -407,19 +433,19 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
         for step in range(steps):
             n_rows = _list_running(step, lengths, owned, batch, rows_running, rows_gate,
                                    rows_next)
-            n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles)
+            n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles, tile_rows)
             prev = step % 2
             for offset in range(n_tiles):
                 tile = _claim_in_order(claims[team], step, member, team_size, n_tiles, offset)
                 if tile < 0:
                     continue
                 d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(
-                    tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden, step)
+                    tile, n_row_tiles, n_unit_tiles, tile_rows, tile_units, n_rows, hidden, step)
                 d += d_lo
                 h_prev = h_ring[d, prev]
                 next_unit = _next_unit_panel(
                     w_h_panels[d, 0], unit_lo, tile_units, hidden, step,
-                    _prefetches_next_unit(slices_fit, row_lo, n_row_tiles))
+                    _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, tile_rows))
                 for gate in range(N_GATES):
                     product_tile(h_prev, rows_running, rows_gate[d], row_lo, row_hi,
                                  w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
@@ -454,7 +480,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
-def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bounds, tile_units,
+def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bounds, tiles,
                   row_lists, claims, done, scratch, dy, dh_n, dc_carry, dh_step, dh0, d_gates):
     """Backpropagate through time for every direction, last step first.
 
@@ -462,8 +488,12 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
     cell_states: (D, T + 1, B, H) saved cell state entering each time t < T
     w_h_t_panels:(D, ceil(H / W), 4H, W) each direction's W_h transposed, packed
     lengths:     (B,) int64
-    team_rows, team_bounds, tile_units, row_lists, claims, done, scratch: as in
+    team_rows, team_bounds, row_lists, claims, done, scratch: as in
                  :func:`forward_loop`
+    tiles:       (rows, units, pass depth) of a tile, from :func:`_tile_shape`:
+                 its product runs over k = 4H in passes of that depth
+                 (:func:`_product_in_passes`), its cell math on UNITS_PER_TILE
+                 units of a row at a time
     dy:          (T, B, D*H) upstream gradient of y, or (0, B, D*H) for none
     dh_n:        (D, B, H) reaches h at each row's last valid step
     dc_carry:    (D, B, H) in: dc_n; out: dc0
@@ -476,6 +506,8 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
     batch, hidden = dh_n.shape[1], dh_n.shape[2]
     steps = gates.shape[1] // batch
     has_dy = dy.shape[0] > 0
+    tile_rows, tile_units, pass_depth = tiles
+    in_passes = pass_depth < four_hidden
     n_unit_tiles = (hidden + tile_units - 1) // tile_units
     n_workers = row_lists.shape[0]
     for worker in prange(n_workers):
@@ -490,41 +522,46 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
             order = steps - 1 - step
             n_rows = _list_running(max(step, 0), lengths, owned, batch, rows_running, rows_gate,
                                    rows_next)
-            n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles)
+            n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles, tile_rows)
+            # Chunks of k would round differently from passes: never both.
+            chunks = _reads_in_chunks(in_chunks, n_row_tiles) and not in_passes
             for offset in range(n_tiles):
                 tile = _claim_in_order(claims[team], order, member, team_size, n_tiles, offset)
                 if tile < 0:
                     continue
-                d, row_lo, row_hi, unit_lo, unit_hi = _tile_bounds(
-                    tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden, order)
+                d, row_lo, row_hi, tile_lo, tile_hi = _tile_bounds(
+                    tile, n_row_tiles, n_unit_tiles, tile_rows, tile_units, n_rows, hidden, order)
                 d += d_lo
                 if step + 1 < steps:
                     next_unit = _next_unit_panel(
-                        w_h_t_panels[d], unit_lo, tile_units, hidden, order,
-                        _prefetches_next_unit(slices_fit, row_lo, n_row_tiles))
-                    product_tile(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
-                                 rows_running, row_lo, row_hi, w_h_t_panels[d], 0, four_hidden,
-                                 unit_lo, unit_hi, dh0[d] if step < 0 else dh_step[d], 0, False,
-                                 0, streams, next_unit, _reads_in_chunks(in_chunks, n_row_tiles))
+                        w_h_t_panels[d], tile_lo, tile_units, hidden, order,
+                        _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, tile_rows))
+                    _product_in_passes(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
+                                       rows_running, row_lo, row_hi, w_h_t_panels[d], pass_depth,
+                                       tile_lo, tile_hi, dh0[d] if step < 0 else dh_step[d],
+                                       streams, next_unit, chunks)
                 if step >= 0:
-                    n_units = unit_hi - unit_lo
-                    dh = _segment(row_scratch, _DH, n_units)
                     for n in range(row_lo, row_hi):
                         r, gate_row = rows_running[n], rows_gate[d, n]
                         t = gate_row // batch
-                        copy_into(dh_step[d, r, unit_lo:unit_hi] if step + 1 < lengths[r]
-                                  else dh_n[d, r, unit_lo:unit_hi], dh)
-                        if has_dy:
-                            add_into(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
-                        _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
-                        dc = dc_carry[d, r, unit_lo:unit_hi]
-                        c_prev = cell_states[d, t, r, unit_lo:unit_hi]
-                        copy_into(c_prev, _segment(row_scratch, _C_PREV, n_units))
-                        copy_into(dc, _segment(row_scratch, _DC, n_units))
-                        backward_units(row_scratch, n_units)
-                        _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo, unit_hi,
-                                     True)
-                        copy_into(_segment(row_scratch, _DC, n_units), dc)
+                        carried = step + 1 < lengths[r]
+                        for unit_lo in range(tile_lo, tile_hi, UNITS_PER_TILE):
+                            unit_hi = min(unit_lo + UNITS_PER_TILE, tile_hi)
+                            n_units = unit_hi - unit_lo
+                            dh = _segment(row_scratch, _DH, n_units)
+                            copy_into(dh_step[d, r, unit_lo:unit_hi] if carried
+                                      else dh_n[d, r, unit_lo:unit_hi], dh)
+                            if has_dy:
+                                add_into(dy[t, r, d * hidden + unit_lo:d * hidden + unit_hi], dh)
+                            _load_gates(row_scratch, gates[d, gate_row], hidden, unit_lo, unit_hi)
+                            dc = dc_carry[d, r, unit_lo:unit_hi]
+                            copy_into(cell_states[d, t, r, unit_lo:unit_hi],
+                                      _segment(row_scratch, _C_PREV, n_units))
+                            copy_into(dc, _segment(row_scratch, _DC, n_units))
+                            backward_units(row_scratch, n_units)
+                            _store_gates(row_scratch, d_gates[d, gate_row], hidden, unit_lo,
+                                         unit_hi, True)
+                            copy_into(_segment(row_scratch, _DC, n_units), dc)
                 store_fence()
                 finish(done[team], order)
             wait_until_done(done[team], order, n_tiles)
@@ -642,7 +679,7 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, outputs, workspac
     c_ring = aligned_like(x, (n_dirs, 2, batch, hidden))
     _copy_states(h0, h_ring[:, 0])
     _copy_states(c0, c_ring[:, 0])
-    plan = _work_plan(n_dirs, lengths, hidden, x, steps, n_workers, budgets)
+    plan = _work_plan(n_dirs, lengths, hidden, x, steps, n_workers, budgets, _run_time(False))
     flat_x = x.reshape(steps * batch, inputs)
     flat_gates = gates.reshape(n_dirs, steps * batch, N_GATES * hidden)
     if packs_as_it_goes(rows.shape[0], x.itemsize):
@@ -767,7 +804,8 @@ def _backward_driver(x, w_x, w_h, gates, hidden_states, cell_states, lengths, dy
     dh_step = aligned_like(x, (n_dirs, batch, hidden))
     _copy_states(dc_n, dc)
     _copy_states(dh_n, dh0)
-    plan = _work_plan(n_dirs, lengths, hidden, x, steps + 1, n_workers, budgets)
+    plan = _work_plan(n_dirs, lengths, hidden, x, steps + 1, n_workers, budgets,
+                      _run_time(True))
     flat_shape = (n_dirs, steps * batch, four_hidden)
     flat_gates, flat_d_gates = gates.reshape(flat_shape), d_gates.reshape(flat_shape)
     dx = dx_steps.reshape(steps * batch, inputs)
@@ -807,23 +845,56 @@ def _run_time(value):
 
 
 @njit(cache=True)
-def _work_plan(n_dirs, lengths, hidden, like, steps, n_workers, budgets):
+def _work_plan(n_dirs, lengths, hidden, like, steps, n_workers, budgets, backward):
     """Everything a time loop needs to share its work out: (team_rows,
-    team_bounds, tile_units, row_lists, claims, done, scratch) for :func:`forward_loop`
-    and :func:`backward_loop`, whose ``steps`` counts the loop's steps, run
-    by ``n_workers`` workers; ``like`` gives the dtype of the scratch.
-    (Numba's thread count comes from the caller: compiled code that asks for
-    it cannot be cached.)"""
+    team_bounds, tiles, row_lists, claims, done, scratch) for :func:`forward_loop`
+    or, where ``backward``, :func:`backward_loop`, whose ``steps`` counts the
+    loop's steps, run by ``n_workers`` workers; ``like`` gives the dtype of
+    the scratch. (Numba's thread count comes from the caller: compiled code
+    that asks for it cannot be cached.)"""
     batch = lengths.shape[0]
     team_rows, team_bounds = _teams(n_dirs, lengths, hidden, like.itemsize, n_workers, budgets)
-    tile_units = _tile_units(hidden, like.itemsize, budgets)
+    tiles = _tile_shape(batch, hidden, like.itemsize, team_bounds, n_workers, backward, budgets)
     row_lists = np.empty((n_workers, 1 + 2 * n_dirs, batch), np.int64)
     n_teams = team_bounds.shape[0]
-    claims, done = counters(n_teams * _most_tiles(n_dirs, batch, hidden, tile_units),
+    claims, done = counters(n_teams * _most_tiles(n_dirs, batch, hidden, tiles[0], tiles[1]),
                             n_teams * max(steps, 1))
     scratch = aligned_like(like, (n_workers, SCRATCH_SEGMENTS * UNITS_PER_TILE))
-    return (team_rows, team_bounds, tile_units, row_lists, claims.reshape(n_teams, -1),
+    return (team_rows, team_bounds, tiles, row_lists, claims.reshape(n_teams, -1),
             done.reshape(n_teams, -1), scratch)
+
+
+@njit(inline="always")
+def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budgets):
+    """(rows, units, pass depth) of a time loop's tiles (:func:`_tile_bounds`,
+    :func:`_product_in_passes`), for teams ``team_bounds`` (:func:`_teams`)
+    of ``n_workers`` workers and the thresholds ``budgets``.
+
+    Forward, and backward below ``budgets[6]`` (:data:`WIDE_MIN_BATCH`) rows:
+    ROWS_PER_TILE rows by :func:`_tile_units`, each product in one pass.
+    Backward from that many rows, the product of a step (its rows by 4H, by
+    4H by H) is compute-bound, and small tiles each read their rows' 4H
+    gate gradients again, from L3 once those pass L2: the tiles take up to
+    ``budgets[7]`` rows (:data:`WIDE_TILE_ROWS`, all of them at the
+    benchmarks' sizes) by ``budgets[8]`` units (:data:`WIDE_TILE_UNITS`), in
+    passes of ``budgets[9]`` values of k (:data:`WIDE_PASS_DEPTH`), so that
+    each pass's rows are read from L2 for every panel. Where that would
+    leave a team fewer such tiles than members (more workers than wide
+    tiles), the tiles stay small but run in the same passes: whether the
+    product runs in passes, which may round differently, depends on the
+    problem's sizes only, never on the thread count.
+    """
+    units = _tile_units(hidden, itemsize, budgets)
+    min_batch, wide_rows, wide_units, pass_depth = budgets[6:10]
+    if not backward or batch < min_batch:
+        return ROWS_PER_TILE, units, N_GATES * hidden
+    team_size = n_workers // team_bounds.shape[0]
+    team_dirs = team_bounds[0, 1] - team_bounds[0, 0]
+    fewest_rows = team_bounds[:, 2].min()
+    n_wide_tiles = team_dirs * -(-fewest_rows // wide_rows) * -(-hidden // wide_units)
+    if n_wide_tiles < team_size:
+        return ROWS_PER_TILE, units, pass_depth
+    return wide_rows, wide_units, pass_depth
 
 
 @njit(inline="always")
@@ -916,14 +987,33 @@ MIN_CHUNKED_WEIGHT_BYTES = 2 * core_cache_bytes()
 STREAMS = 1
 IN_CHUNKS = 2
 SLICES_FIT = 4
+#: Backward time loops from this many batch rows take wide tiles
+#: (:func:`_tile_shape`): WIDE_TILE_ROWS rows by WIDE_TILE_UNITS units, their
+#: product in passes of WIDE_PASS_DEPTH values of k. Measured on a 2-core
+#: AVX-512 machine (2 MiB L2 a core), backward time loops alone, T=100,
+#: against tiles of 24 rows by 64 units (32 at f64 H >= 512) over all of k:
+#: f64 H=1024 B=128 1.12-1.17x (four runs), B=32 1.28x; f64 H=512 B=128
+#: 1.09x, B=32 1.05x; f32 H=1024 B=128 1.07x, B=32 1.12x; f32 H=512 B=128
+#: 1.03x, B=32 1.02x; f64 H=256 B=128 1.07x; f32 and f64 H=128-256 B=32-128
+#: 1.01-1.05x. At B=8 they lost (f64 H=512 0.84x, H=1024 0.92x, f32 H=1024
+#: 0.87x; B=1 0.85x), where the loops are bound by reading W_h, the small
+#: tiles share it out finer and read it in chunks. Tiles of 128 units
+#: 1.12x, 512 units 1.17x at f64 H=1024 B=128; 66 rows (two row tiles there)
+#: 1.12x; passes of 1024 1.17x, 256 1.14x.
+WIDE_MIN_BATCH = 32
+WIDE_TILE_ROWS = 144
+WIDE_TILE_UNITS = 256
+WIDE_PASS_DEPTH = TILE_DEPTH
+assert WIDE_TILE_ROWS % BLOCK_ROWS == 0, "tiles hold whole register blocks"
 
 
 def _team_budgets():
-    """The team-splitting thresholds above and the tile budget, as the
-    compiled drivers take them (read at each call, so that a test may change
-    them)."""
+    """The team-splitting thresholds above, the tile budget and the wide
+    tiles' sizes, as the compiled drivers take them (read at each call, so
+    that a test may change them)."""
     return (MIN_ROWS_PER_TEAM, MAX_TEAM_WEIGHT_BYTES, MIN_ROWS_PER_TEAM_FROM_L3,
-            MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES, MIN_CHUNKED_WEIGHT_BYTES)
+            MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES, MIN_CHUNKED_WEIGHT_BYTES,
+            WIDE_MIN_BATCH, WIDE_TILE_ROWS, WIDE_TILE_UNITS, WIDE_PASS_DEPTH)
 
 
 @njit(inline="always")

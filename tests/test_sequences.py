@@ -366,6 +366,90 @@ def test_chunked_loops_sum_the_same_at_every_thread_count(dtype, monkeypatch):
         np.testing.assert_array_equal(double[name], value, err_msg=name)
 
 
+def _take_wide_tiles_from(monkeypatch, batch, rows, units, pass_depth):
+    """Backward loops of ``batch`` rows or more take wide tiles of ``rows``
+    by ``units``, their products in passes of ``pass_depth`` values of k."""
+    monkeypatch.setattr(cpu, "WIDE_MIN_BATCH", batch)
+    monkeypatch.setattr(cpu, "WIDE_TILE_ROWS", rows)
+    monkeypatch.setattr(cpu, "WIDE_TILE_UNITS", units)
+    monkeypatch.setattr(cpu, "WIDE_PASS_DEPTH", pass_depth)
+
+
+@njit
+def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budgets):
+    return cpu._tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budgets)
+
+
+def test_backward_tiles_widen_from_enough_rows_while_every_member_gets_one():
+    """:func:`kernels.cpu._tile_shape` with the shipped sizes: forward and
+    small batches keep small tiles over all of k; backward from
+    WIDE_MIN_BATCH rows takes wide tiles in passes, or, where a team would
+    get fewer wide tiles than members, small tiles in the same passes."""
+    budgets = cpu._team_budgets()
+    units = _tile_units(1024, 8, budgets)
+    one_team_of_two = np.array([[0, 1, 128, 0]])
+    small = (cpu.ROWS_PER_TILE, units, 4 * 1024)
+    wide = (cpu.WIDE_TILE_ROWS, cpu.WIDE_TILE_UNITS, cpu.WIDE_PASS_DEPTH)
+    assert _tile_shape(128, 1024, 8, one_team_of_two, 2, False, budgets) == small
+    assert _tile_shape(cpu.WIDE_MIN_BATCH - 1, 1024, 8, one_team_of_two, 2, True,
+                       budgets) == small
+    assert _tile_shape(128, 1024, 8, one_team_of_two, 2, True, budgets) == wide
+    # 1024 units make 4 wide tiles: too few for a team of 16.
+    assert _tile_shape(128, 1024, 8, one_team_of_two, 16, True, budgets) == (
+        cpu.ROWS_PER_TILE, units, cpu.WIDE_PASS_DEPTH)
+    # Two teams of 64 rows, one worker each: a tile each is enough.
+    two_teams = np.array([[0, 1, 64, 0], [0, 1, 64, 0]])
+    assert _tile_shape(128, 256, 8, two_teams, 2, True, budgets) == wide
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_backward_tiles_match_the_reference(dtype, monkeypatch):
+    """Wide backward tiles over two row tiles (the last short) and three unit
+    tiles (the last ragged), each wider than the cell's scratch segment, in
+    passes that end inside a panel; both directions, ragged lengths."""
+    width = gemm.block_columns(np.dtype(dtype))
+    rows, units = 2 * gemm.BLOCK_ROWS, cpu.UNITS_PER_TILE + width
+    _take_wide_tiles_from(monkeypatch, 10, rows, units, width + 3)
+    rng = np.random.default_rng(33)
+    steps, batch = 4, 2 * rows + 5
+    lstm, reference = twin_layers("cpu", dtype, input_size=7, hidden_size=2 * units + 5,
+                                  bidirectional=True)
+    assert_random_run_matches_reference(lstm, reference, rng, steps, batch,
+                                        rng.integers(0, steps + 1, batch))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_passes_sum_the_same_at_every_thread_count(dtype, monkeypatch):
+    """Passes of k may round differently from one pass (blocks of few
+    accumulators split k), so whether they run must not depend on the thread
+    count, though the tiles' shape does: one worker takes the one wide tile,
+    two (one team, rows never split) small tiles in the same passes. A last
+    panel of 5 columns makes blocks of one vector, which split k."""
+    _take_w_h_past_every_budget(monkeypatch)
+    width = gemm.block_columns(np.dtype(dtype))
+    hidden, batch = width + 5, 13
+    _take_wide_tiles_from(monkeypatch, 10, 2 * batch, 2 * hidden, 7)
+    budgets = cpu._team_budgets()
+    one_team = np.array([[0, 1, batch, 0]])
+    itemsize = np.dtype(dtype).itemsize
+    assert _tile_shape(batch, hidden, itemsize, one_team, 1, True, budgets)[:2] == (
+        2 * batch, 2 * hidden)
+    assert _tile_shape(batch, hidden, itemsize, one_team, 2, True, budgets)[0] == (
+        cpu.ROWS_PER_TILE)
+    rng = np.random.default_rng(34)
+    steps = 4
+    lstm = nblstm.LSTM(backend="cpu", dtype=dtype, rng=4, input_size=7, hidden_size=hidden)
+    x = rng.standard_normal((steps, batch, 7)).astype(dtype)
+    dy = rng.standard_normal((steps, batch, hidden)).astype(dtype)
+    lengths = rng.integers(1, steps + 1, batch)
+    with numba_threads(1):
+        single = run_layer(lstm, x, lengths, None, dy, None)
+    with numba_threads(2):
+        double = run_layer(lstm, x, lengths, None, dy, None)
+    for name, value in single.items():
+        np.testing.assert_array_equal(double[name], value, err_msg=name)
+
+
 @njit
 def _row_cuts(lengths, n_groups):
     return cpu._row_cuts(lengths, n_groups)

@@ -73,14 +73,14 @@ def test_a_step_covers_every_tile_and_runs_each_short_row_tile_last(step):
     steps, falling on odd ones) meets every (direction, rows, units) tile
     once, and within each unit tile runs the short last row tile last."""
     n_dirs, n_rows, hidden, tile_units, n_unit_tiles = 2, 2 * ROWS_PER_TILE + 5, 100, 64, 2
-    n_row_tiles, n_tiles = _step_tiles(n_rows, n_dirs, n_unit_tiles)
+    n_row_tiles, n_tiles = _step_tiles(n_rows, n_dirs, n_unit_tiles, ROWS_PER_TILE)
     assert n_row_tiles == 3, "two full row tiles and a short one"
     claims, _ = sync.counters(n_tiles, 1)
     met = []
     for offset in range(n_tiles):
         tile = _claim_in_order(claims, step, 0, 1, n_tiles, offset)
-        met.append(_tile_bounds(tile, n_row_tiles, n_unit_tiles, tile_units, n_rows, hidden,
-                                step))
+        met.append(_tile_bounds(tile, n_row_tiles, n_unit_tiles, ROWS_PER_TILE, tile_units,
+                                n_rows, hidden, step))
     expected = {(d, row * ROWS_PER_TILE, min((row + 1) * ROWS_PER_TILE, n_rows),
                  unit * tile_units, min((unit + 1) * tile_units, hidden))
                 for d in range(n_dirs) for row in range(n_row_tiles)
