@@ -366,9 +366,8 @@ def _product_in_passes(a, a_rows, out_rows, row_lo, row_hi, panels, pass_depth, 
     while the tile's panels stream through; one pass where ``pass_depth``
     covers k. The blocks of the last panel of a pass prefetch the first
     panel's rows of the next pass, those of the last pass ``following``.
-    Each element sums over k in the same order either way; a block of so
-    few accumulators that it splits k into interleaved sums (see
-    :data:`.gemm.MIN_CHAINS`) rounds by its passes.
+    Each pass's sum is added onto those of the passes before it, so the
+    rounding depends on the passes (on ``pass_depth``), not on the tile.
     """
     depth = panels.shape[1]
     width = panels.shape[2]
@@ -880,9 +879,9 @@ def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budge
     passes of ``budgets[9]`` values of k (:data:`WIDE_PASS_DEPTH`), so that
     each pass's rows are read from L2 for every panel. Where that would
     leave a team fewer such tiles than members (more workers than wide
-    tiles), the tiles stay small but run in the same passes: whether the
-    product runs in passes, which may round differently, depends on the
-    problem's sizes only, never on the thread count.
+    tiles), the tiles stay small but run in the same passes: passes round
+    differently from one pass, so whether they run depends on the problem's
+    sizes only, never on the thread count.
     """
     units = _tile_units(hidden, itemsize, budgets)
     min_batch, wide_rows, wide_units, pass_depth = budgets[6:10]

@@ -420,11 +420,10 @@ def test_wide_backward_tiles_match_the_reference(dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_passes_sum_the_same_at_every_thread_count(dtype, monkeypatch):
-    """Passes of k may round differently from one pass (blocks of few
-    accumulators split k), so whether they run must not depend on the thread
+    """Passes of k round differently from one pass (each pass's sum is
+    added onto the last), so whether they run must not depend on the thread
     count, though the tiles' shape does: one worker takes the one wide tile,
-    two (one team, rows never split) small tiles in the same passes. A last
-    panel of 5 columns makes blocks of one vector, which split k."""
+    two (one team, rows never split) small tiles in the same passes."""
     _take_w_h_past_every_budget(monkeypatch)
     width = gemm.block_columns(np.dtype(dtype))
     hidden, batch = width + 5, 13
