@@ -166,13 +166,7 @@ class _Emitter:
 
     def prefetch(self, pointer):
         """Hint that the cache line at ``pointer`` will be read soon (:data:`PREFETCH_LOCALITY`)."""
-        function = cgutils.get_or_insert_function(
-            self.builder.module,
-            ir.FunctionType(ir.VoidType(), [self.byte_ptr, self.i32, self.i32, self.i32]),
-            "llvm.prefetch.p0")
-        read, data_cache = ir.Constant(self.i32, 0), ir.Constant(self.i32, 1)
-        self.builder.call(function, [self.builder.bitcast(pointer, self.byte_ptr), read,
-                                     ir.Constant(self.i32, PREFETCH_LOCALITY), data_cache])
+        _emit_prefetch(self.builder, pointer, False, PREFETCH_LOCALITY)
 
     def splat(self, scalar):
         """A vector with ``scalar`` in every lane."""
@@ -206,6 +200,18 @@ class _Emitter:
         else:
             self.builder.call(self.masked_store, [value, pointer,
                                                   ir.Constant(self.i32, self.itemsize), mask])
+
+
+def _emit_prefetch(builder, pointer, write, locality):
+    """IR of ``llvm.prefetch`` of the data cache line at ``pointer``, for reading
+    or, where ``write``, for writing, with ``locality`` 0-3."""
+    byte_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
+        "llvm.prefetch.p0")
+    data_cache = ir.Constant(i32, 1)
+    builder.call(function, [builder.bitcast(pointer, byte_ptr), ir.Constant(i32, int(write)),
+                            ir.Constant(i32, locality), data_cache])
 
 
 def _array_parts(context, builder, array_type, value):
@@ -512,16 +518,9 @@ def prefetch_for_write(typingctx, address):
         return None
 
     def codegen(context, builder, signature, args):
-        byte_ptr = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
-            "llvm.prefetch.p0")
-        pointer = builder.inttoptr(context.cast(builder, args[0], signature.args[0], types.int64),
-                                   byte_ptr)
-        write, data_cache = ir.Constant(i32, 1), ir.Constant(i32, 1)
-        builder.call(function, [pointer, write, ir.Constant(i32, WRITE_PREFETCH_LOCALITY),
-                                data_cache])
+        address = context.cast(builder, args[0], signature.args[0], types.int64)
+        _emit_prefetch(builder, builder.inttoptr(address, ir.IntType(8).as_pointer()), True,
+                       WRITE_PREFETCH_LOCALITY)
         return context.get_dummy_value()
 
     return types.void(address), codegen
