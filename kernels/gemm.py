@@ -34,9 +34,6 @@ from numba.extending import intrinsic
 #: Rounds of k per iteration of the main loop over k (fewer branches and
 #: index updates per multiply-add; the sums are the same).
 K_UNROLL = 4
-#: Independent accumulator chains that keep the FMA pipelines busy; blocks
-#: with fewer accumulators than this split ``k`` into interleaved partial sums.
-MIN_CHAINS = 8
 #: Cache lines of the following panel that a block prefetches per value of
 #: k, when asked to (:func:`product_tile`): a quarter of a panel over the
 #: block's k loop (a panel row is BLOCK_VECTORS = 4 lines). Measured on a
@@ -220,7 +217,7 @@ def _array_parts(context, builder, array_type, value):
     return array.data, cgutils.unpack_tuple(builder, array.strides, array_type.ndim)
 
 
-def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, masks, n_sets,
+def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, masks,
                  prefetch_start=None):
     """The loop over k; returns the accumulators, [row][vector].
 
@@ -228,11 +225,17 @@ def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, mask
     panel's first row (row k at ``b_start + k * b_k_stride`` bytes).
     prefetch_start: None, or a byte pointer from which the loop prefetches
     PREFETCH_LINES_PER_K cache lines per value of k, in order.
-    ``n_sets`` interleaved sets of accumulators take k, k+1, ... in turn
-    (set s every k = k_lo + s mod n_sets, in increasing k) and are added in
-    set order at the end, so blocks of few rows still have enough independent
-    FMA chains. A loop unrolled K_UNROLL times runs first, then
-    one round per iteration, then the last fewer-than-n_sets values: the
+    One accumulator per row and vector takes every k in increasing order, in
+    a block of any height: a row's sums then do not depend on which block it
+    runs in, so products that cut their rows into blocks differently (tiles
+    that depend on the thread count) agree bit for bit. Blocks of one row
+    used to split k into two interleaved sets of sums, for eight FMA chains
+    instead of four; a row then summed differently in a one-row tile (one
+    thread, B = ROWS_PER_TILE + 1) than in a taller one (two teams). One
+    zmm FMA a cycle at a latency of 4 needs only four: measured on a 2-core
+    Zen 4, forward time loops at B=1 within noise of the two sets (f32 H=128
+    to 1024 0.97-1.04x, f64 H=64 to 256 0.98-1.03x). A loop unrolled
+    K_UNROLL times runs first, then one value of k per iteration: the
     unrolling changes no sum.
     """
     builder = emit.builder
@@ -260,12 +263,9 @@ def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, mask
                             for b_vector, accumulator in zip(b_vectors, row_accumulators)])
         return updated
 
-    def phis(incoming, block):
-        return [[_phi(builder, emit.vector, value, block) for value in row] for row in incoming]
-
-    def rounds_loop(k_start, sets_in, rounds):
-        """A loop taking ``rounds`` rounds of n_sets values of k per iteration
-        while they all exist; returns (k, sets) where it stops."""
+    def unrolled_loop(k_start, accumulators_in, rounds):
+        """A loop taking ``rounds`` values of k per iteration while they all
+        exist; returns (k, accumulators) where it stops."""
         entry = builder.block
         header = builder.append_basic_block("k_loop")
         body = builder.append_basic_block("k_body")
@@ -273,44 +273,26 @@ def _emit_k_loop(emit, a_rows, a_k_stride, b_start, b_k_stride, k_lo, k_hi, mask
         builder.branch(header)
         builder.position_at_end(header)
         k = _phi(builder, emit.i64, k_start, entry)
-        sets = [phis(accumulators, entry) for accumulators in sets_in]
-        step = ir.Constant(emit.i64, n_sets * rounds)
+        accumulators = [[_phi(builder, emit.vector, value, entry) for value in row]
+                        for row in accumulators_in]
+        step = ir.Constant(emit.i64, rounds)
         builder.cbranch(builder.icmp_signed("<=", builder.add(k, step), k_hi), body, done)
         builder.position_at_end(body)
-        updated_sets = sets
+        updated = accumulators
         for round_ in range(rounds):
-            updated_sets = [
-                update(accumulators, builder.add(k, ir.Constant(emit.i64, round_ * n_sets + s)))
-                for s, accumulators in enumerate(updated_sets)]
+            updated = update(updated, builder.add(k, ir.Constant(emit.i64, round_)))
         k.add_incoming(builder.add(k, step), builder.block)
-        for accumulators, updated in zip(sets, updated_sets):
-            for row, updated_row in zip(accumulators, updated):
-                for phi, value in zip(row, updated_row):
-                    phi.add_incoming(value, builder.block)
+        for row, updated_row in zip(accumulators, updated):
+            for phi, value in zip(row, updated_row):
+                phi.add_incoming(value, builder.block)
         builder.branch(header)
         builder.position_at_end(done)
-        return k, sets
+        return k, accumulators
 
     zeros = [[emit.zero] * n_vectors for _ in a_rows]
-    k, sets = rounds_loop(k_lo, [zeros] * n_sets, K_UNROLL)
-    k, sets = rounds_loop(k, sets, 1)
-
-    # Fewer than n_sets values of k remain: set s takes k + s where it exists.
-    total = None
-    for s, accumulators in enumerate(sets):
-        k_index = builder.add(k, ir.Constant(emit.i64, s))
-        before = builder.block
-        with builder.if_then(builder.icmp_signed("<", k_index, k_hi)):
-            updated = update(accumulators, k_index)
-            updated_block = builder.block
-        merged = phis(accumulators, before)
-        for row, updated_row in zip(merged, updated):
-            for phi, value in zip(row, updated_row):
-                phi.add_incoming(value, updated_block)
-        total = merged if total is None else [
-            [builder.fadd(sum_, part) for sum_, part in zip(total_row, part_row)]
-            for total_row, part_row in zip(total, merged)]
-    return total
+    k, accumulators = unrolled_loop(k_lo, zeros, K_UNROLL)
+    _, accumulators = unrolled_loop(k, accumulators, 1)
+    return accumulators
 
 
 def _phi(builder, llvm_type, value, block):
@@ -374,11 +356,10 @@ def _emit_block(n_rows, context, builder, arg_types, args):
     col_bytes = builder.mul(col, itemsize)
     out_rows = [emit.offset(out_data, builder.add(builder.mul(row, out_row_stride), col_bytes),
                             emit.element) for row in row_indices(out_rows_array, out_rows_type)]
-    n_sets = max(1, MIN_CHAINS // (n_rows * BLOCK_VECTORS))
 
     def block(masks, prefetch_start=None):
         sums = _emit_k_loop(emit, a_rows, a_k_stride, b_start, panel_k_stride, k_lo, k_hi,
-                            masks, n_sets, prefetch_start)
+                            masks, prefetch_start)
         _emit_store(emit, sums, out_rows, masks, accumulate)
 
     # Full blocks load and store whole vectors; the last block of a row may be

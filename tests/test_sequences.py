@@ -355,6 +355,15 @@ def test_chunked_loops_sum_the_same_at_every_thread_count(dtype, monkeypatch):
     assert_one_and_two_threads_agree(dtype, hidden, batch=9, seed=30)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_sum_alike_in_blocks_of_any_height(dtype):
+    """A row's sums do not depend on the height of the register block it
+    runs in. One thread takes ROWS_PER_TILE + 1 rows as one team, a full
+    tile and a tile of one row; two threads split them into two teams of
+    about half each, so the last row runs in a block of several."""
+    assert_one_and_two_threads_agree(dtype, hidden=64, batch=cpu.ROWS_PER_TILE + 1, seed=34)
+
+
 def assert_one_and_two_threads_agree(dtype, hidden, batch, seed):
     """A random cpu layer of ``hidden`` units, forward and backward over
     ``batch`` rows of ragged lengths, gives the same bits on 1 and 2 threads."""
