@@ -1,7 +1,11 @@
 """CPU drivers: Numba ``parallel=True`` time loops plus the GEMMs around them.
 
 Shape of the work (DESIGN.md): the input projection ``x @ W_x + b`` is one
-product per direction before the time loop; inside the loop each step is a
+product per direction before the time loop, or, where each worker owns its
+batch rows and they produce more gates than its cache holds, the same
+product cut into chunks of steps that each worker runs for its own rows
+inside the loop just before it needs them, summed alike
+(:func:`_projection_steps`); inside the loop each step is a
 set of tiles of (direction, active batch rows, hidden units), each computing
 the recurrent product for its units (all four gates) and applying the cell
 math right there, with no BLAS call; what a tile writes for after the loop
@@ -53,6 +57,7 @@ from .cell import N_GATES, cell_backward, cell_state, gate_activations, step_tim
 from .gemm import (
     BLOCK_ROWS,
     TILE_DEPTH,
+    TILE_ROWS,
     WORKSPACE,
     add_into,
     aligned_like,
@@ -386,9 +391,43 @@ def _worker_rows(row_lists, worker, n_dirs):
             row_lists[worker, 1 + n_dirs:])
 
 
+@njit(inline="always")
+def _project_chunk(x, w_x_panels, bias, gates, lengths, owned, d_lo, n_dirs, step_lo, step_hi,
+                   rows):
+    """``gates[d, r] = x[r] @ W_x[d] + b[d]`` for the rows r that the rows
+    ``owned`` read at steps [step_lo, step_hi) of directions [d_lo, d_lo +
+    n_dirs): the input projection of a chunk of steps, by the one worker
+    that then runs them (:func:`_projection_steps`).
+
+    x: (T * B, I); w_x_panels: (D, 1, ceil(4H / W), I, W); bias: (D, 4H);
+    gates: (D, T * B, 4H) out; rows: (C * B,) int64 scratch, C >= step_hi -
+    step_lo. The rows run in groups of at most TILE_ROWS over all 4H
+    columns, in passes of TILE_DEPTH values of k, the bias added last:
+    every element sums as :func:`.gemm.matmul` sums it, so the gates are the
+    same bits whichever way they were projected.
+    """
+    batch = lengths.shape[0]
+    depth, n_cols = x.shape[1], gates.shape[2]
+    for d in range(d_lo, d_lo + n_dirs):
+        n_rows = 0
+        for step in range(step_lo, step_hi):
+            for row in owned:
+                if step < lengths[row]:
+                    rows[n_rows] = step_time(step, lengths[row], d == 1) * batch + row
+                    n_rows += 1
+        n_groups = -(-n_rows // TILE_ROWS)
+        for group in range(n_groups):
+            first, last = group * n_rows // n_groups, (group + 1) * n_rows // n_groups
+            for k_lo in range(0, max(depth, 1), TILE_DEPTH):
+                product_tile(x, rows, rows, first, last, w_x_panels[d, 0], k_lo,
+                             min(k_lo + TILE_DEPTH, depth), 0, n_cols, gates[d], 0, k_lo > 0)
+            for n in range(first, last):
+                add_into(bias[d], gates[d, rows[n]])
+
+
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
 def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bounds, tiles,
-                 row_lists, claims, done, scratch, y, hidden_states, cell_states):
+                 row_lists, claims, done, scratch, y, hidden_states, cell_states, projection):
     """Run the recurrence of every direction over all steps.
 
     gates:         (D, T * B, 4H) in: ``x_t @ W_x + b`` at row ``t * B + b``;
@@ -409,6 +448,12 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
     hidden_states, cell_states: (D, T + 1, B, H) out at t < T: the state
                    entering each valid time; or (D, 0, B, H) to save nothing
                    (inference)
+    projection:    (x (T * B, I), W_x packed by :func:`.gemm.pack_gate_panels`
+                   (D, 1, ceil(4H / W), I, W), b (D, 4H), rows (workers, C * B)
+                   int64 scratch, C): where C > 0 (:func:`_projection_steps`),
+                   ``gates`` holds nothing on entry and each worker projects
+                   its own rows C steps at a time (:func:`_project_chunk`);
+                   where C = 0 the caller projected them all
     Direction 1, when present, runs in reverse. One parallel region runs all
     steps. Each team of workers runs its own directions and batch rows, which
     depend on no other team's: its members claim a step's tiles (:mod:`.sync`)
@@ -429,7 +474,11 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
             _team_of(worker, n_workers, team_rows, team_bounds))
         rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
+        x, w_x_panels, bias, projected_rows, chunk_steps = projection
         for step in range(steps):
+            if chunk_steps > 0 and step % chunk_steps == 0:
+                _project_chunk(x, w_x_panels, bias, gates, lengths, owned, d_lo, team_dirs, step,
+                               min(step + chunk_steps, steps), projected_rows[worker])
             n_rows = _list_running(step, lengths, owned, batch, rows_running, rows_gate,
                                    rows_next)
             n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles, tile_rows)
@@ -681,7 +730,10 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, outputs, workspac
     plan = _work_plan(n_dirs, lengths, hidden, x, steps, n_workers, budgets, _run_time(False))
     flat_x = x.reshape(steps * batch, inputs)
     flat_gates = gates.reshape(n_dirs, steps * batch, N_GATES * hidden)
-    if packs_as_it_goes(rows.shape[0], x.itemsize):
+    chunk_steps = _projection_steps(plan[1], n_workers, hidden, x.itemsize, steps, budgets)
+    if chunk_steps > 0:
+        pack_gate_panels(w_x, w_x_panels)
+    elif packs_as_it_goes(rows.shape[0], x.itemsize):
         for d in range(n_dirs):
             matmul_packing(flat_x, w_x[d], _run_time(False), rows, flat_gates[d],
                            _run_time(False), b[d], chunks)
@@ -690,8 +742,9 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, outputs, workspac
         for d in range(n_dirs):
             matmul(flat_x, w_x_panels[d, 0], rows, flat_gates[d], _run_time(False), b[d])
     pack_gate_panels(w_h, w_h_panels)
+    projected_rows = np.empty((n_workers, chunk_steps * batch), np.int64)
     forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *plan, y,
-                 hidden_states, cell_states)
+                 hidden_states, cell_states, (flat_x, w_x_panels, b, projected_rows, chunk_steps))
     h_n = _final_states(h_ring, lengths)
     c_n = _final_states(c_ring, lengths)
     if training:
@@ -864,6 +917,43 @@ def _work_plan(n_dirs, lengths, hidden, like, steps, n_workers, budgets, backwar
 
 
 @njit(inline="always")
+def _projection_steps(team_bounds, n_workers, hidden, itemsize, steps, budgets):
+    """Steps per chunk of the input projection inside the forward time loop
+    (:func:`_project_chunk`), or 0 to project every row before it.
+
+    Where every team has one worker, each worker owns its rows and runs all
+    their units: it can project a chunk of its own steps just before it
+    runs them, and the chunk's gates (C * rows * 4H values a direction) are
+    then still in its L2 when its tiles add the recurrent product onto them,
+    instead of coming back from memory, where a projection of all T * B rows
+    before the loop left them (26 MiB at f32 H=128 B=128). C is the most
+    steps whose gates fit ``budgets[10]`` (:data:`MAX_PROJECTION_CHUNK_BYTES`)
+    for the team with the most rows; a chunk must also give the team with
+    the fewest rows ``budgets[11]`` (:data:`MIN_PROJECTION_CHUNK_ROWS`) rows,
+    over which each chunk reads W_x again. Where a worker's gates over all
+    steps fit ``budgets[12]`` (a core's L2), projecting them before the loop
+    leaves them in cache anyway: 0. Teams of several workers share each
+    step's tiles, so no worker knows its rows in advance: 0.
+
+    Measured on a 2-core Zen 4 (1 MiB L2 a core), whole forward calls
+    against the projection before the loop (``bench/ab.py --api``): f32
+    H=128 B=128 1.048x / 0.997x / 1.058x (three runs), H=256 B=32 1.017x /
+    1.045x / 1.033x, H=256 B=128 1.032x, H=128 B=32 1.014x; f64 H=128 B=32
+    1.020x, B=128 1.006x, H=256 B=128 1.002x; f32 H=128 B=8, whose gates fit
+    the L2s, 0.980x.
+    """
+    if n_workers // team_bounds.shape[0] > 1:
+        return 0
+    team_dirs = team_bounds[0, 1] - team_bounds[0, 0]
+    step_bytes = team_dirs * team_bounds[:, 2].max() * N_GATES * hidden * itemsize
+    chunk_steps = max(1, budgets[10] // max(step_bytes, 1))
+    if (chunk_steps >= steps or chunk_steps * team_bounds[:, 2].min() < budgets[11]
+            or steps * step_bytes <= budgets[12]):
+        return 0
+    return chunk_steps
+
+
+@njit(inline="always")
 def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budgets):
     """(rows, units, pass depth) of a time loop's tiles (:func:`_tile_bounds`,
     :func:`_product_in_passes`), for teams ``team_bounds`` (:func:`_teams`)
@@ -1006,13 +1096,23 @@ WIDE_PASS_DEPTH = TILE_DEPTH
 assert WIDE_TILE_ROWS % BLOCK_ROWS == 0, "tiles hold whole register blocks"
 
 
+#: The input projection runs in chunks of steps inside the forward time loop
+#: (:func:`_projection_steps`) whose gates take at most this many bytes for
+#: one worker's rows, and that give each worker at least this many rows...
+MAX_PROJECTION_CHUNK_BYTES = core_cache_bytes() // 4
+MIN_PROJECTION_CHUNK_ROWS = 64
+#: Nor where one worker's gates over all steps take at most this many bytes.
+MAX_PROJECTED_BYTES_IN_CACHE = core_cache_bytes()
+
+
 def _team_budgets():
-    """The team-splitting thresholds above, the tile budget and the wide
-    tiles' sizes, as the compiled drivers take them (read at each call, so
-    that a test may change them)."""
+    """The team-splitting thresholds above, the tile budget, the wide
+    tiles' sizes and the projection chunks' bounds, as the compiled drivers
+    take them (read at each call, so that a test may change them)."""
     return (MIN_ROWS_PER_TEAM, MAX_TEAM_WEIGHT_BYTES, MIN_ROWS_PER_TEAM_FROM_L3,
             MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES, MIN_CHUNKED_WEIGHT_BYTES,
-            WIDE_MIN_BATCH, WIDE_TILE_ROWS, WIDE_TILE_UNITS, WIDE_PASS_DEPTH)
+            WIDE_MIN_BATCH, WIDE_TILE_ROWS, WIDE_TILE_UNITS, WIDE_PASS_DEPTH,
+            MAX_PROJECTION_CHUNK_BYTES, MIN_PROJECTION_CHUNK_ROWS, MAX_PROJECTED_BYTES_IN_CACHE)
 
 
 @njit(inline="always")

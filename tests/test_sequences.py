@@ -483,3 +483,44 @@ def test_rows_in_teams_match_the_reference(backend, dtype, bidirectional):
                                   bidirectional=bidirectional)
     assert_random_run_matches_reference(lstm, reference, rng, steps, batch,
                                         rng.integers(0, steps + 1, batch))
+
+
+@njit
+def _projection_steps(n_dirs, lengths, hidden, itemsize, steps, n_workers, budgets):
+    team_rows, team_bounds = cpu._teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets)
+    return cpu._projection_steps(team_bounds, n_workers, hidden, itemsize, steps, budgets)
+
+
+def _project_a_step_at_a_time(monkeypatch):
+    """The forward loop projects the inputs one step at a time wherever its
+    teams have one worker each, however few rows or bytes that makes."""
+    monkeypatch.setattr(cpu, "MAX_PROJECTION_CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu, "MIN_PROJECTION_CHUNK_ROWS", 1)
+    monkeypatch.setattr(cpu, "MAX_PROJECTED_BYTES_IN_CACHE", 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_projection_in_chunks_gives_the_bits_of_one_product(dtype, bidirectional, monkeypatch):
+    """Each worker projecting its own rows a step at a time inside the
+    forward loop gives the same bits as one product over all rows before
+    it, forward and backward, at one and two threads (one team; two teams
+    of rows or of directions): ragged lengths, I past one pass of k."""
+    rng = np.random.default_rng(35)
+    steps, batch, inputs, hidden = 5, 10, gemm.TILE_DEPTH + 5, 40
+    lengths = rng.integers(0, steps + 1, batch)
+    lstm = nblstm.LSTM(backend="cpu", dtype=dtype, rng=35, input_size=inputs,
+                       hidden_size=hidden, bidirectional=bidirectional)
+    directions = 2 if bidirectional else 1
+    x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
+    dy = rng.standard_normal((steps, batch, directions * hidden)).astype(dtype)
+    expected = run_layer(lstm, x, lengths, None, dy, None)
+    _project_a_step_at_a_time(monkeypatch)
+    itemsize = np.dtype(dtype).itemsize
+    for threads in (1, 2):
+        with numba_threads(threads):
+            assert _projection_steps(directions, lengths, hidden, itemsize, steps, threads,
+                                     cpu._team_budgets()) == 1
+            actual = run_layer(lstm, x, lengths, None, dy, None)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(actual[name], value, err_msg=f"{name}, {threads}")
