@@ -430,7 +430,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                  row_lists, claims, done, scratch, y, hidden_states, cell_states, projection):
     """Run the recurrence of every direction over all steps.
 
-    gates:         (D, T * B, 4H) in: ``x_t @ W_x + b`` at row ``t * B + b``;
+    gates:         (D, T * B, 4H) in: ``x_t @ W_x + b`` at row ``t * B + b``
+                   (unless ``projection`` says the loop projects them);
                    out, when saving: post-activation gates at valid times (padding
                    untouched); inference leaves it as it is
     w_h_panels:    (D, 4, ceil(H / W), H, W) each direction's W_h, gate by gate
@@ -1096,12 +1097,13 @@ WIDE_PASS_DEPTH = TILE_DEPTH
 assert WIDE_TILE_ROWS % BLOCK_ROWS == 0, "tiles hold whole register blocks"
 
 
-#: The input projection runs in chunks of steps inside the forward time loop
-#: (:func:`_projection_steps`) whose gates take at most this many bytes for
-#: one worker's rows, and that give each worker at least this many rows...
+#: Bounds of the input projection's chunks inside the forward time loop
+#: (:func:`_projection_steps`): a chunk's gates for one worker's rows take at
+#: most MAX_PROJECTION_CHUNK_BYTES and give it at least
+#: MIN_PROJECTION_CHUNK_ROWS rows; no chunks where one worker's gates over
+#: all steps take at most MAX_PROJECTED_BYTES_IN_CACHE.
 MAX_PROJECTION_CHUNK_BYTES = core_cache_bytes() // 4
 MIN_PROJECTION_CHUNK_ROWS = 64
-#: Nor where one worker's gates over all steps take at most this many bytes.
 MAX_PROJECTED_BYTES_IN_CACHE = core_cache_bytes()
 
 
