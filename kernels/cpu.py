@@ -393,36 +393,39 @@ def _worker_rows(row_lists, worker, n_dirs):
 
 @njit(inline="always")
 def _project_chunk(x, w_x_panels, bias, gates, lengths, owned, d_lo, n_dirs, step_lo, step_hi,
-                   rows):
+                   row_lists, rows):
     """``gates[d, r] = x[r] @ W_x[d] + b[d]`` for the rows r that the rows
     ``owned`` read at steps [step_lo, step_hi) of directions [d_lo, d_lo +
     n_dirs): the input projection of a chunk of steps, by the one worker
     that then runs them (:func:`_projection_steps`).
 
     x: (T * B, I); w_x_panels: (D, 1, ceil(4H / W), I, W); bias: (D, 4H);
-    gates: (D, T * B, 4H) out; rows: (C * B,) int64 scratch, C >= step_hi -
-    step_lo. The rows run in groups of at most TILE_ROWS over all 4H
-    columns, in passes of TILE_DEPTH values of k, the bias added last:
-    every element sums as :func:`.gemm.matmul` sums it, so the gates are the
-    same bits whichever way they were projected.
+    gates: (D, T * B, 4H) out; row_lists: the worker's (running, gate_rows,
+    next_rows) for :func:`_list_running`, which lists each step's rows; rows:
+    (D, C * B) int64 scratch, C >= step_hi - step_lo. The rows run in groups
+    of at most TILE_ROWS over all 4H columns, in passes of TILE_DEPTH values
+    of k, the bias added last: every element sums as :func:`.gemm.matmul`
+    sums it, so the gates are the same bits whichever way they were
+    projected.
     """
-    batch = lengths.shape[0]
+    running, gate_rows, next_rows = row_lists
     depth, n_cols = x.shape[1], gates.shape[2]
+    n_rows = 0
+    for step in range(step_lo, step_hi):
+        count = _list_running(step, lengths, owned, lengths.shape[0], running, gate_rows,
+                              next_rows)
+        for d in range(d_lo, d_lo + n_dirs):
+            copy_into(gate_rows[d, :count], rows[d, n_rows:n_rows + count])
+        n_rows += count
+    n_groups = -(-n_rows // TILE_ROWS)
     for d in range(d_lo, d_lo + n_dirs):
-        n_rows = 0
-        for step in range(step_lo, step_hi):
-            for row in owned:
-                if step < lengths[row]:
-                    rows[n_rows] = step_time(step, lengths[row], d == 1) * batch + row
-                    n_rows += 1
-        n_groups = -(-n_rows // TILE_ROWS)
         for group in range(n_groups):
             first, last = group * n_rows // n_groups, (group + 1) * n_rows // n_groups
             for k_lo in range(0, max(depth, 1), TILE_DEPTH):
-                product_tile(x, rows, rows, first, last, w_x_panels[d, 0], k_lo,
+                product_tile(x, rows[d], rows[d], first, last, w_x_panels[d, 0], k_lo,
                              min(k_lo + TILE_DEPTH, depth), 0, n_cols, gates[d], 0, k_lo > 0)
             for n in range(first, last):
-                add_into(bias[d], gates[d, rows[n]])
+                add_into(bias[d], gates[d, rows[d, n]])
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)
@@ -450,7 +453,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                    entering each valid time; or (D, 0, B, H) to save nothing
                    (inference)
     projection:    (x (T * B, I), W_x packed by :func:`.gemm.pack_gate_panels`
-                   (D, 1, ceil(4H / W), I, W), b (D, 4H), rows (workers, C * B)
+                   (D, 1, ceil(4H / W), I, W), b (D, 4H), rows (workers, D, C * B)
                    int64 scratch, C): where C > 0 (:func:`_projection_steps`),
                    ``gates`` holds nothing on entry and each worker projects
                    its own rows C steps at a time (:func:`_project_chunk`);
@@ -479,7 +482,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
         for step in range(steps):
             if chunk_steps > 0 and step % chunk_steps == 0:
                 _project_chunk(x, w_x_panels, bias, gates, lengths, owned, d_lo, team_dirs, step,
-                               min(step + chunk_steps, steps), projected_rows[worker])
+                               min(step + chunk_steps, steps),
+                               (rows_running, rows_gate, rows_next), projected_rows[worker])
             n_rows = _list_running(step, lengths, owned, batch, rows_running, rows_gate,
                                    rows_next)
             n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles, tile_rows)
@@ -743,7 +747,7 @@ def _forward_driver(x, w_x, w_h, b, h0, c0, lengths, training, outputs, workspac
         for d in range(n_dirs):
             matmul(flat_x, w_x_panels[d, 0], rows, flat_gates[d], _run_time(False), b[d])
     pack_gate_panels(w_h, w_h_panels)
-    projected_rows = np.empty((n_workers, chunk_steps * batch), np.int64)
+    projected_rows = np.empty((n_workers, n_dirs, chunk_steps * batch), np.int64)
     forward_loop(flat_gates, w_h_panels, h_ring, c_ring, lengths, *plan, y,
                  hidden_states, cell_states, (flat_x, w_x_panels, b, projected_rows, chunk_steps))
     h_n = _final_states(h_ring, lengths)

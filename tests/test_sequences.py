@@ -505,16 +505,18 @@ def test_projection_in_chunks_gives_the_bits_of_one_product(dtype, bidirectional
     """Each worker projecting its own rows a step at a time inside the
     forward loop gives the same bits as one product over all rows before
     it, forward and backward, at one and two threads (one team; two teams
-    of rows or of directions): ragged lengths, I past one pass of k."""
+    of rows or of directions), and matches the float64 reference: ragged
+    lengths, I past one pass of k."""
     rng = np.random.default_rng(35)
     steps, batch, inputs, hidden = 5, 10, gemm.TILE_DEPTH + 5, 40
     lengths = rng.integers(0, steps + 1, batch)
-    lstm = nblstm.LSTM(backend="cpu", dtype=dtype, rng=35, input_size=inputs,
-                       hidden_size=hidden, bidirectional=bidirectional)
+    lstm, reference = twin_layers("cpu", dtype, seed=35, input_size=inputs, hidden_size=hidden,
+                                  bidirectional=bidirectional)
     directions = 2 if bidirectional else 1
     x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
     dy = rng.standard_normal((steps, batch, directions * hidden)).astype(dtype)
     expected = run_layer(lstm, x, lengths, None, dy, None)
+    exact = run_layer(reference, x.astype(np.float64), lengths, None, dy.astype(np.float64), None)
     _project_a_step_at_a_time(monkeypatch)
     itemsize = np.dtype(dtype).itemsize
     for threads in (1, 2):
@@ -524,3 +526,5 @@ def test_projection_in_chunks_gives_the_bits_of_one_product(dtype, bidirectional
             actual = run_layer(lstm, x, lengths, None, dy, None)
         for name, value in expected.items():
             np.testing.assert_array_equal(actual[name], value, err_msg=f"{name}, {threads}")
+            error = relative_error(actual[name], exact[name])
+            assert error <= TOLERANCE[np.dtype(dtype)], f"{name}, {threads}: {error:.2e}"
