@@ -282,16 +282,15 @@ def _claim_in_order(claims, step, member, team_size, n_tiles, offset):
 @njit(inline="always")
 def _team_of(worker, n_workers, team_rows, team_bounds):
     """(member index, team size, first direction, direction count, owned rows,
-    team index, whether the members' W_h streams from memory, whether their
-    products read it in chunks, whether two tiles' slices of it fit beside
-    each other in L2) of ``worker``'s team: workers [t * size, (t + 1) *
-    size) form team t (see :func:`_teams`)."""
+    team index, whether the members' W_h streams from memory, whether two
+    tiles' slices of it fit beside each other in L2) of ``worker``'s team:
+    workers [t * size, (t + 1) * size) form team t (see :func:`_teams`)."""
     team_size = n_workers // team_bounds.shape[0]
     team = worker // team_size
     d_lo, d_hi, n_owned = team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2]
     reads = team_bounds[team, 3]
     return (worker % team_size, team_size, d_lo, d_hi - d_lo, team_rows[team, :n_owned], team,
-            reads & STREAMS != 0, reads & IN_CHUNKS != 0, reads & SLICES_FIT != 0)
+            reads & STREAMS != 0, reads & SLICES_FIT != 0)
 
 
 @njit(inline="always")
@@ -350,20 +349,8 @@ def _prefetches_next_unit(slices_fit, row_lo, n_row_tiles, tile_rows):
 
 
 @njit(inline="always")
-def _reads_in_chunks(in_chunks, n_row_tiles):
-    """Whether a time-loop tile may run its products in chunks of k
-    (:func:`.gemm.product_tile`'s ``in_chunks``): where W_h (W_h^T backward)
-    is too large for the L2s (``in_chunks``, from :func:`_team_of`) and the
-    step has one row tile, so that no other row tile has just read the
-    tile's panels into L2. Neither depends on the thread count (see
-    :data:`MIN_CHUNKED_WEIGHT_BYTES`).
-    """
-    return in_chunks and n_row_tiles == 1
-
-
-@njit(inline="always")
 def _product_in_passes(a, a_rows, out_rows, row_lo, row_hi, panels, pass_depth, unit_lo, unit_hi,
-                       out, streams, following, in_chunks):
+                       out, streams, following):
     """``out[s, unit_lo:unit_hi] = a[r] @ b[:, unit_lo:unit_hi]`` for a time
     loop's tile (:func:`.gemm.product_tile`, all of k from 0): in passes over
     ``pass_depth`` values of k at a time, each over every panel of the tile
@@ -380,7 +367,7 @@ def _product_in_passes(a, a_rows, out_rows, row_lo, row_hi, panels, pass_depth, 
         k_hi = min(k_lo + pass_depth, depth)
         after = following if k_hi == depth else row_address(panels[unit_lo // width], k_hi)
         product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, unit_lo, unit_hi,
-                     out, 0, k_lo > 0, 0, streams, after, in_chunks)
+                     out, 0, k_lo > 0, 0, streams, after)
 
 
 @njit(inline="always")
@@ -474,7 +461,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
         # Numba compiles a prange body as a function of its own: the hint
         # goes here, in the function that holds the cell loops.
         use_full_vector_width()
-        member, team_size, d_lo, team_dirs, owned, team, streams, in_chunks, slices_fit = (
+        member, team_size, d_lo, team_dirs, owned, team, streams, slices_fit = (
             _team_of(worker, n_workers, team_rows, team_bounds))
         rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
@@ -503,8 +490,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     product_tile(h_prev, rows_running, rows_gate[d], row_lo, row_hi,
                                  w_h_panels[d, gate], 0, hidden, unit_lo, unit_hi, gates[d],
                                  gate * hidden, True, 0, streams,
-                                 _next_gate_panel(w_h_panels[d], gate, unit_lo, next_unit),
-                                 _reads_in_chunks(in_chunks, n_row_tiles))
+                                 _next_gate_panel(w_h_panels[d], gate, unit_lo, next_unit))
                 n_units = unit_hi - unit_lo
                 for n in range(row_lo, row_hi):
                     r, gate_row = rows_running[n], rows_gate[d, n]
@@ -555,17 +541,16 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
     d_gates:     (D, T * B, 4H) out at valid times; padding rows zero on entry
     One parallel region runs all steps, in teams, as in :func:`forward_loop`.
     """
-    n_dirs, _, four_hidden = gates.shape
+    n_dirs = gates.shape[0]
     batch, hidden = dh_n.shape[1], dh_n.shape[2]
     steps = gates.shape[1] // batch
     has_dy = dy.shape[0] > 0
     tile_rows, tile_units, pass_depth = tiles
-    in_passes = pass_depth < four_hidden
     n_unit_tiles = (hidden + tile_units - 1) // tile_units
     n_workers = row_lists.shape[0]
     for worker in prange(n_workers):
         use_full_vector_width()
-        member, team_size, d_lo, team_dirs, owned, team, streams, in_chunks, slices_fit = (
+        member, team_size, d_lo, team_dirs, owned, team, streams, slices_fit = (
             _team_of(worker, n_workers, team_rows, team_bounds))
         rows_running, rows_gate, rows_next = _worker_rows(row_lists, worker, n_dirs)
         row_scratch = scratch[worker]
@@ -576,8 +561,6 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
             n_rows = _list_running(max(step, 0), lengths, owned, batch, rows_running, rows_gate,
                                    rows_next)
             n_row_tiles, n_tiles = _step_tiles(n_rows, team_dirs, n_unit_tiles, tile_rows)
-            # Chunks of k would round differently from passes: never both.
-            chunks = _reads_in_chunks(in_chunks, n_row_tiles) and not in_passes
             for offset in range(n_tiles):
                 tile = _claim_in_order(claims[team], order, member, team_size, n_tiles, offset)
                 if tile < 0:
@@ -592,7 +575,7 @@ def backward_loop(gates, cell_states, w_h_t_panels, lengths, team_rows, team_bou
                     _product_in_passes(d_gates[d], rows_gate[d] if step < 0 else rows_next[d],
                                        rows_running, row_lo, row_hi, w_h_t_panels[d], pass_depth,
                                        tile_lo, tile_hi, dh0[d] if step < 0 else dh_step[d],
-                                       streams, next_unit, chunks)
+                                       streams, next_unit)
                 if step >= 0:
                     for n in range(row_lo, row_hi):
                         r, gate_row = rows_running[n], rows_gate[d, n]
@@ -932,11 +915,11 @@ def _projection_steps(team_bounds, n_workers, hidden, itemsize, steps, budgets):
     then still in its L2 when its tiles add the recurrent product onto them,
     instead of coming back from memory, where a projection of all T * B rows
     before the loop left them (26 MiB at f32 H=128 B=128). C is the most
-    steps whose gates fit ``budgets[10]`` (:data:`MAX_PROJECTION_CHUNK_BYTES`)
+    steps whose gates fit ``budgets[9]`` (:data:`MAX_PROJECTION_CHUNK_BYTES`)
     for the team with the most rows; a chunk must also give the team with
-    the fewest rows ``budgets[11]`` (:data:`MIN_PROJECTION_CHUNK_ROWS`) rows,
+    the fewest rows ``budgets[10]`` (:data:`MIN_PROJECTION_CHUNK_ROWS`) rows,
     over which each chunk reads W_x again. Where a worker's gates over all
-    steps fit ``budgets[12]`` (a core's L2), projecting them before the loop
+    steps fit ``budgets[11]`` (a core's L2), projecting them before the loop
     leaves them in cache anyway: 0. Teams of several workers share each
     step's tiles, so no worker knows its rows in advance: 0.
 
@@ -951,9 +934,9 @@ def _projection_steps(team_bounds, n_workers, hidden, itemsize, steps, budgets):
         return 0
     team_dirs = team_bounds[0, 1] - team_bounds[0, 0]
     step_bytes = team_dirs * team_bounds[:, 2].max() * N_GATES * hidden * itemsize
-    chunk_steps = max(1, budgets[10] // max(step_bytes, 1))
-    if (chunk_steps >= steps or chunk_steps * team_bounds[:, 2].min() < budgets[11]
-            or steps * step_bytes <= budgets[12]):
+    chunk_steps = max(1, budgets[9] // max(step_bytes, 1))
+    if (chunk_steps >= steps or chunk_steps * team_bounds[:, 2].min() < budgets[10]
+            or steps * step_bytes <= budgets[11]):
         return 0
     return chunk_steps
 
@@ -964,14 +947,14 @@ def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budge
     :func:`_product_in_passes`), for teams ``team_bounds`` (:func:`_teams`)
     of ``n_workers`` workers and the thresholds ``budgets``.
 
-    Forward, and backward below ``budgets[6]`` (:data:`WIDE_MIN_BATCH`) rows:
+    Forward, and backward below ``budgets[5]`` (:data:`WIDE_MIN_BATCH`) rows:
     ROWS_PER_TILE rows by :func:`_tile_units`, each product in one pass.
     Backward from that many rows, the product of a step (its rows by 4H, by
     4H by H) is compute-bound, and small tiles each read their rows' 4H
     gate gradients again, from L3 once those pass L2: the tiles take up to
-    ``budgets[7]`` rows (:data:`WIDE_TILE_ROWS`, all of them at the
-    benchmarks' sizes) by ``budgets[8]`` units (:data:`WIDE_TILE_UNITS`), in
-    passes of ``budgets[9]`` values of k (:data:`WIDE_PASS_DEPTH`), so that
+    ``budgets[6]`` rows (:data:`WIDE_TILE_ROWS`, all of them at the
+    benchmarks' sizes) by ``budgets[7]`` units (:data:`WIDE_TILE_UNITS`), in
+    passes of ``budgets[8]`` values of k (:data:`WIDE_PASS_DEPTH`), so that
     each pass's rows are read from L2 for every panel. Where that would
     leave a team fewer such tiles than members (more workers than wide
     tiles), the tiles stay small but run in the same passes: passes round
@@ -979,7 +962,7 @@ def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budge
     sizes only, never on the thread count.
     """
     units = _tile_units(hidden, itemsize, budgets)
-    min_batch, wide_rows, wide_units, pass_depth = budgets[6:10]
+    min_batch, wide_rows, wide_units, pass_depth = budgets[5:9]
     if not backward or batch < min_batch:
         return ROWS_PER_TILE, units, N_GATES * hidden
     team_size = n_workers // team_bounds.shape[0]
@@ -1060,27 +1043,11 @@ MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
 #: The largest slice of W_h one time-loop tile reads (:func:`_tile_units`):
 #: a quarter of a core's L2.
 MAX_TILE_WEIGHT_BYTES = core_cache_bytes() // 4
-#: Time-loop tiles read W_h in chunks of k (:func:`_reads_in_chunks`) where
-#: one direction's W_h is larger than two L2s, so that each of two workers'
-#: shares is larger than its whole L2, which then keeps little of it between
-#: steps. Measured on a 2-core AVX-512 machine (2 MiB L2), time loops alone
-#: at B=8 against whole panels, by each worker's share: 2 MiB (f32 H=512)
-#: backward 0.85x; 4 MiB (f64 H=512) backward 1.05x, forward 1.01x; 8 MiB
-#: (f32 H=1024) 1.14x, 1.02x; 16 MiB (f64 H=1024) 1.16x, 1.03-1.06x.
-#: Forward gains less: without chunks, its blocks after the first already
-#: prefetch the next gate's panel while they read the current one from L2.
-#: Chunks round differently, so the rule looks at the size of W_h, never at
-#: the share: the sums stay the same at every thread count. (Nor does a W_h
-#: past every team budget ever split rows into teams, whose tiles would chunk
-#: by their own row counts: :func:`_teams` chunks only past those budgets
-#: too.)
-MIN_CHUNKED_WEIGHT_BYTES = 2 * core_cache_bytes()
 #: Flags of team_bounds[t, 3] (:func:`_teams`): the members' W_h streams from
-#: memory; the time loops read it in chunks; two tiles' slices of it fit
-#: beside each other in the budget of W_h kept in L2.
+#: memory; two tiles' slices of it fit beside each other in the budget of
+#: W_h kept in L2.
 STREAMS = 1
-IN_CHUNKS = 2
-SLICES_FIT = 4
+SLICES_FIT = 2
 #: Backward time loops from this many batch rows take wide tiles
 #: (:func:`_tile_shape`): WIDE_TILE_ROWS rows by WIDE_TILE_UNITS units, their
 #: product in passes of WIDE_PASS_DEPTH values of k. Measured on a 2-core
@@ -1091,9 +1058,9 @@ SLICES_FIT = 4
 #: 1.03x, B=32 1.02x; f64 H=256 B=128 1.07x; f32 and f64 H=128-256 B=32-128
 #: 1.01-1.05x. At B=8 they lost (f64 H=512 0.84x, H=1024 0.92x, f32 H=1024
 #: 0.87x; B=1 0.85x), where the loops are bound by reading W_h, the small
-#: tiles share it out finer and read it in chunks. Tiles of 128 units
-#: 1.12x, 512 units 1.17x at f64 H=1024 B=128; 66 rows (two row tiles there)
-#: 1.12x; passes of 1024 1.17x, 256 1.14x.
+#: tiles share it out finer. Tiles of 128 units 1.12x, 512 units 1.17x at
+#: f64 H=1024 B=128; 66 rows (two row tiles there) 1.12x; passes of 1024
+#: 1.17x, 256 1.14x.
 WIDE_MIN_BATCH = 32
 WIDE_TILE_ROWS = 144
 WIDE_TILE_UNITS = 256
@@ -1116,7 +1083,7 @@ def _team_budgets():
     tiles' sizes and the projection chunks' bounds, as the compiled drivers
     take them (read at each call, so that a test may change them)."""
     return (MIN_ROWS_PER_TEAM, MAX_TEAM_WEIGHT_BYTES, MIN_ROWS_PER_TEAM_FROM_L3,
-            MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES, MIN_CHUNKED_WEIGHT_BYTES,
+            MAX_TEAM_WEIGHT_BYTES_FROM_L3, MAX_TILE_WEIGHT_BYTES,
             WIDE_MIN_BATCH, WIDE_TILE_ROWS, WIDE_TILE_UNITS, WIDE_PASS_DEPTH,
             MAX_PROJECTION_CHUNK_BYTES, MIN_PROJECTION_CHUNK_ROWS, MAX_PROJECTED_BYTES_IN_CACHE)
 
@@ -1149,11 +1116,7 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     team_bounds[t, 3] holds flags: :data:`STREAMS` where each member's share
     of the team's W_h is larger than the budget of W_h kept in a core's L2
     (``budgets[1]``), so that it comes from memory every step and the time
-    loops prefetch it (:func:`.gemm.product_tile`); :data:`IN_CHUNKS` where
-    one direction's W_h is larger than ``budgets[5]``
-    (:data:`MIN_CHUNKED_WEIGHT_BYTES`) and than every budget for which rows
-    split into teams, so that the time loops read it in chunks of k
-    (:func:`_reads_in_chunks`); :data:`SLICES_FIT` where two time-loop tiles'
+    loops prefetch it (:func:`.gemm.product_tile`); :data:`SLICES_FIT` where two time-loop tiles'
     slices of W_h (:func:`_tile_units`) fit in ``budgets[1]``, so that every
     tile may prefetch the next one's (:func:`_prefetches_next_unit`).
     """
@@ -1164,7 +1127,6 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
         n_direction_teams, workers_per_direction = n_dirs, n_workers // n_dirs
     weight_bytes = N_GATES * hidden * hidden * itemsize
     split = _rows_split_pays(batch // workers_per_direction, weight_bytes, budgets)
-    in_chunks = weight_bytes > max(budgets[1], budgets[3], budgets[5])
     slice_bytes = N_GATES * hidden * _tile_units(hidden, itemsize, budgets) * itemsize
     slices_fit = 2 * slice_bytes <= budgets[1]
     cuts = _row_cuts(lengths, workers_per_direction if split else 1)
@@ -1183,7 +1145,6 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
             team_bounds[team, 0], team_bounds[team, 1], team_bounds[team, 2] = d_lo, d_hi, n_rows
             share_bytes = (d_hi - d_lo) * weight_bytes // workers_per_team
             team_bounds[team, 3] = ((STREAMS if share_bytes > budgets[1] else 0)
-                                    | (IN_CHUNKS if in_chunks else 0)
                                     | (SLICES_FIT if slices_fit else 0))
     return team_rows, team_bounds
 

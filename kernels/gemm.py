@@ -44,13 +44,6 @@ PREFETCH_LINES_PER_K = 1
 CACHE_LINE_BYTES = 64
 #: ``llvm.prefetch`` locality 2: into L2 and the caches below it (``prefetcht1``).
 PREFETCH_LOCALITY = 2
-#: Values of k per chunk when a product runs its panels' rows in chunks
-#: (:func:`product_tile`'s ``in_chunks``): 32 rows of a panel are 8 KiB, so
-#: a chunk that the first block streams in is still in L1 for the next
-#: blocks. Measured on a 2-core AVX-512 machine, f64 H=1024 B=8 time loops
-#: alone (a 6-row and a 2-row block): chunks of 32 against 64 1.035x forward,
-#: 1.027x backward; 16 against 32 0.97x / 1.02x; 128 against 64 0.98x / 0.99x.
-STREAM_CHUNK = 32
 
 
 def _host_vector_bytes():
@@ -520,17 +513,14 @@ def _prefetch_out_block(out, out_rows, first, count, col, n_cols):
 
 #: Rows left over after the full blocks that are too few for a block of their
 #: own: below this many, the last full block and they run as two blocks of
-#: about half the rows (8 rows as 4 + 4, 7 as 4 + 3, not 6 + 2 or 6 + 1),
-#: unless the product runs in chunks. A block of 1 or 2 rows does a sixth or
-#: a third of a full block's FMAs per panel row it loads, and so waits on L2
-#: when it reads the panel from there; two half blocks do not. In chunks it
-#: reads L1, and the full block streams the panel from memory at more FMAs
-#: per byte than a half block. Rows are summed alike in any block, so the
+#: about half the rows (8 rows as 4 + 4, 7 as 4 + 3, not 6 + 2 or 6 + 1). A
+#: block of 1 or 2 rows does a sixth or a third of a full block's FMAs per
+#: panel row it loads, and so waits on L2 when it reads the panel from
+#: there; two half blocks do not. Rows are summed alike in any block, so the
 #: sums are unchanged. Measured on a 2-core AVX-512 machine, time loops alone
 #: against 6 + 2, at B=32 (a 24-row and an 8-row tile): f32 H=512 forward
 #: 1.016x, backward 1.036x; f64 H=512 1.012x / 1.017x; f64 H=256 1.054x /
-#: 1.046x; at B=8, f32 H=512 1.06x / 1.05x; in chunks, f64 H=1024 B=8 1.038x
-#: / 0.966x, f32 0.99x / 0.98x.
+#: 1.046x; at B=8, f32 H=512 1.06x / 1.05x.
 SHORT_BLOCK_ROWS = 3
 assert SHORT_BLOCK_ROWS <= BLOCK_ROWS, (
     "a balanced split makes two blocks of at most BLOCK_ROWS rows, so a tile still runs "
@@ -538,19 +528,18 @@ assert SHORT_BLOCK_ROWS <= BLOCK_ROWS, (
 
 
 @njit(inline="always")
-def _block_rows(remaining, balanced):
-    """Rows of the next register block when ``remaining`` rows are left:
-    where ``balanced``, the last two blocks split their rows evenly when
-    the last would be short (:data:`SHORT_BLOCK_ROWS`)."""
-    if balanced and BLOCK_ROWS < remaining < BLOCK_ROWS + SHORT_BLOCK_ROWS:
+def _block_rows(remaining):
+    """Rows of the next register block when ``remaining`` rows are left: the
+    last two blocks split their rows evenly when the last would be short
+    (:data:`SHORT_BLOCK_ROWS`)."""
+    if BLOCK_ROWS < remaining < BLOCK_ROWS + SHORT_BLOCK_ROWS:
         return (remaining + 1) // 2
     return min(BLOCK_ROWS, remaining)
 
 
 @njit(inline="always")
 def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out,
-                 out_col, accumulate, panels_first_k=0, prefetch=False, following=0,
-                 in_chunks=False):
+                 out_col, accumulate, panels_first_k=0, prefetch=False, following=0):
     """``out[s, out_col + j] (+)= a[r, k_lo:k_hi] @ b[k_lo:k_hi, j]`` for j in [col_lo, col_hi).
 
     For ``(r, s)`` in ``zip(a_rows, out_rows)[row_lo:row_hi]``. a: (R, K);
@@ -568,14 +557,6 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
     next panel here, after the last one ``following``, the byte address of
     the caller's next panel (its first row to be read), or 0 for none.
 
-    in_chunks: the panels come from memory, and no other rows have just read
-    them into L2. Where the rows then make full blocks and a short one, each
-    panel's rows k run in chunks of :data:`STREAM_CHUNK`, all blocks over
-    one chunk before the next, so that the short block reads the chunk from
-    L1, where the full block just brought it, rather than the whole panel
-    again from L2. The sums are the same up to rounding: each chunk's sum is
-    added onto ``out`` in turn.
-
     Each block prefetches for writing the lines of ``out`` that the next block
     stores its sums into (the last block of a panel, those of the next
     panel's first block), so they arrive owned while the block computes. A
@@ -592,10 +573,7 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
     """
     width = panels.shape[2]
     n_rows = row_hi - row_lo
-    chunked = in_chunks and n_rows > BLOCK_ROWS and n_rows % BLOCK_ROWS != 0
-    depth = STREAM_CHUNK if chunked else max(1, k_hi - k_lo)
-    prefetch_bytes_per_k = PREFETCH_LINES_PER_K * CACHE_LINE_BYTES
-    share_bytes = (k_hi - k_lo) * prefetch_bytes_per_k
+    share_bytes = (k_hi - k_lo) * PREFETCH_LINES_PER_K * CACHE_LINE_BYTES
     for col in range(col_lo, col_hi, width):
         n_cols = min(width, col_hi - col)
         panel = panels[col // width]
@@ -605,27 +583,22 @@ def product_tile(a, a_rows, out_rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo
                 prefetch_address = row_address(panels[col // width + 1], k_lo - panels_first_k)
             else:
                 prefetch_address = following
-        for chunk in range(max(1, (k_hi - k_lo + depth - 1) // depth)):
-            chunk_lo = k_lo + chunk * depth
-            chunk_prefetch = prefetch_address + (chunk_lo - k_lo) * prefetch_bytes_per_k
-            first = row_lo
-            for block in range(-(-n_rows // BLOCK_ROWS)):
-                count = _block_rows(row_hi - first, not chunked)
-                share = block - 1
-                block_prefetch = 0
-                if prefetch_address != 0 and 0 <= share < PREFETCH_SHARES:
-                    block_prefetch = chunk_prefetch + share * share_bytes
-                if first + count < row_hi:
-                    _prefetch_out_block(out, out_rows, first + count,
-                                        _block_rows(row_hi - first - count, not chunked),
-                                        out_col + col, n_cols)
-                elif col + width < col_hi:
-                    _prefetch_out_block(out, out_rows, row_lo, _block_rows(n_rows, not chunked),
-                                        out_col + col + width, min(width, col_hi - col - width))
-                register_block(count, a, a_rows, out_rows, first, panel, panels_first_k,
-                               chunk_lo, min(chunk_lo + depth, k_hi), out_col + col, n_cols,
-                               out, accumulate or chunk_lo > k_lo, block_prefetch)
-                first += count
+        first = row_lo
+        for block in range(-(-n_rows // BLOCK_ROWS)):
+            count = _block_rows(row_hi - first)
+            share = block - 1
+            block_prefetch = 0
+            if prefetch_address != 0 and 0 <= share < PREFETCH_SHARES:
+                block_prefetch = prefetch_address + share * share_bytes
+            if first + count < row_hi:
+                next_count = _block_rows(row_hi - first - count)
+                _prefetch_out_block(out, out_rows, first + count, next_count, out_col + col, n_cols)
+            elif col + width < col_hi:
+                _prefetch_out_block(out, out_rows, row_lo, _block_rows(n_rows),
+                                    out_col + col + width, min(width, col_hi - col - width))
+            register_block(count, a, a_rows, out_rows, first, panel, panels_first_k, k_lo, k_hi,
+                           out_col + col, n_cols, out, accumulate, block_prefetch)
+            first += count
 
 
 @njit(inline="always")

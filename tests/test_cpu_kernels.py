@@ -162,44 +162,14 @@ def test_product_tile_prefetching_changes_no_value(dtype, n_rows):
     assert_product_close(prefetching, a.astype(np.float64) @ b, 33, dtype)
 
 
-@pytest.mark.parametrize("n_rows, balanced, blocks", [
-    (8, True, [4, 4]), (7, True, [4, 3]), (20, True, [6, 6, 4, 4]), (9, True, [6, 3]),
-    (24, True, [6, 6, 6, 6]), (2, True, [2]), (8, False, [6, 2])])
-def test_a_short_last_block_shares_the_rows_of_the_full_one_before_it(n_rows, balanced, blocks):
+@pytest.mark.parametrize("n_rows, blocks", [
+    (8, [4, 4]), (7, [4, 3]), (20, [6, 6, 4, 4]), (9, [6, 3]), (24, [6, 6, 6, 6]), (2, [2])])
+def test_a_short_last_block_shares_the_rows_of_the_full_one_before_it(n_rows, blocks):
     assert gemm.BLOCK_ROWS == 6 and gemm.SHORT_BLOCK_ROWS == 3, "the cases below assume these"
     counts = []
     while sum(counts) < n_rows:
-        counts.append(gemm._block_rows(n_rows - sum(counts), balanced))
+        counts.append(gemm._block_rows(n_rows - sum(counts)))
     assert counts == blocks
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_product_tile_in_chunks_of_k_adds_every_chunk(dtype, accumulate, prefetch):
-    """A product run in chunks of k (the last one ragged, over a k range
-    that starts inside the panels), onto what out holds or not, prefetching
-    or not: the product to rounding, every column and row, the short block's
-    included."""
-    rng = np.random.default_rng(11)
-    width = gemm.block_columns(np.dtype(dtype))
-    n_rows, n_cols, depth, k_lo = gemm.BLOCK_ROWS + 2, 2 * width + 5, 3 * gemm.STREAM_CHUNK + 7, 5
-    a, b = product_case(rng, n_rows, depth, n_cols, dtype)
-    panels = packed(b)
-    rows = np.arange(n_rows)
-    start = rng.standard_normal((n_rows, n_cols)).astype(dtype)
-
-    @njit
-    def tile(out):
-        gemm.product_tile(a, rows, rows, 0, n_rows, panels, k_lo, depth, 0, n_cols, out, 0,
-                          accumulate, 0, prefetch, gemm.row_address(panels[0], k_lo), True)
-
-    out = start.copy()
-    tile(out)
-    expected = a[:, k_lo:].astype(np.float64) @ b[k_lo:]
-    if accumulate:
-        expected += start
-    assert_product_close(out, expected, depth, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

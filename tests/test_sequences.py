@@ -240,12 +240,11 @@ def test_layer_rejects_bad_arguments():
 def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     """How :func:`kernels.cpu._teams` shares a time loop out among 2 workers
     (with the W_h budgets of a 2 MiB L2: 1 MiB from L2, 4 MiB from L3, 512
-    KiB a tile), and how they read W_h (column 3, flags: 1 where a member's
-    share is past 1 MiB, 2 where W_h is past 4 MiB, two L2s, 4 where two
-    tiles' slices of W_h fit in 1 MiB)."""
+    KiB a tile), and how they read W_h (column 3, flags: STREAMS where a
+    member's share is past 1 MiB, SLICES_FIT where two tiles' slices of W_h
+    fit in 1 MiB)."""
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 20)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 2 ** 22)
-    monkeypatch.setattr(cpu, "MIN_CHUNKED_WEIGHT_BYTES", 2 ** 22)
     monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 2 ** 19)
     f32_bytes = np.dtype(np.float32).itemsize
 
@@ -261,18 +260,19 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     # 64 units of H=512 are a 512 KiB slice: two fit in 1 MiB. H=1024 fits
     # only where the panels are narrower than 64 units (no AVX-512).
     assert fits(128) == fits(256) == fits(512) == cpu.SLICES_FIT
+    streams, fit = cpu.STREAMS, cpu.SLICES_FIT
     full = np.full(32, 7)
     rows, bounds = teams(1, full, 128, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 16, 4], [0, 1, 16, 4]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 16, fit], [0, 1, 16, fit]])
     np.testing.assert_array_equal(rows[1, :16], np.arange(16, 32))
     # A W_h of 4 MiB splits only with MIN_ROWS_PER_TEAM_FROM_L3 rows a worker,
     # each reading all of it.
     split = 2 * cpu.MIN_ROWS_PER_TEAM_FROM_L3
     _, bounds = teams(1, np.full(split, 7), 512, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, split // 2, 5], [0, 1, split // 2, 5]])
+    np.testing.assert_array_equal(bounds, [[0, 1, split // 2, streams | fit]] * 2)
     # Too few rows a worker for the size of W_h, or W_h past every budget:
     # one team shares each step, each member reading half of W_h.
-    for hidden, batch, reads in ((512, split - 1, 1), (1024, 1000, 3), (256, 6, 0),
+    for hidden, batch, reads in ((512, split - 1, streams), (1024, 1000, streams), (256, 6, 0),
                                  (128, 2 * cpu.MIN_ROWS_PER_TEAM - 1, 0)):
         _, bounds = teams(1, np.full(batch, 7), hidden, 2)
         np.testing.assert_array_equal(bounds, [[0, 1, batch, reads | fits(hidden)]])
@@ -282,11 +282,12 @@ def test_teams_own_directions_then_groups_of_rows(monkeypatch):
     assert bounds[0, 2] > bounds[1, 2] and bounds[:, 2].sum() == 16
     # Two directions, two workers: a direction each, whatever the sizes.
     _, bounds = teams(2, np.full(3, 7), 1024, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 3, 3 | fits(1024)], [1, 2, 3, 3 | fits(1024)]])
+    reads = streams | fits(1024)
+    np.testing.assert_array_equal(bounds, [[0, 1, 3, reads], [1, 2, 3, reads]])
     _, bounds = teams(2, np.full(3, 7), 1024, 3)
-    np.testing.assert_array_equal(bounds, [[0, 2, 3, 3 | fits(1024)]])
+    np.testing.assert_array_equal(bounds, [[0, 2, 3, reads]])
     _, bounds = teams(2, np.full(3, 7), 256, 2)
-    np.testing.assert_array_equal(bounds, [[0, 1, 3, 4], [1, 2, 3, 4]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 3, fit], [1, 2, 3, fit]])
 
 
 @njit
@@ -319,8 +320,7 @@ def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, batch
     over a hidden size of several such tiles, the last one ragged; with W_h
     taken to be too large for L2, so that the blocks after a panel's first
     prefetch the next gate's panel or the next unit tile's, in one row tile
-    (9 rows: 6 + 3), whose products run in chunks of k, or in the last of
-    two."""
+    (9 rows: 6 + 3) or in the last of two."""
     _take_w_h_past_every_budget(monkeypatch)
     width = gemm.block_columns(np.dtype(dtype))
     rng = np.random.default_rng(29)
@@ -332,27 +332,10 @@ def test_one_panel_tiles_that_prefetch_match_the_reference(backend, dtype, batch
 
 
 def _take_w_h_past_every_budget(monkeypatch):
-    """One-panel tiles; every W_h streams and is read in chunks; rows never
-    split into teams."""
+    """One-panel tiles; every W_h streams; rows never split into teams."""
     monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 1)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 0)
     monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES_FROM_L3", 0)
-    monkeypatch.setattr(cpu, "MIN_CHUNKED_WEIGHT_BYTES", 0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_chunked_loops_sum_the_same_at_every_thread_count(dtype, monkeypatch):
-    """Chunks of k round differently from whole panels, so whether a tile
-    reads in chunks must not depend on how many workers share W_h. With the
-    threshold just under the size of W_h, one worker's share (all of W_h)
-    is past it and each of two workers' (half) is not; both read in chunks,
-    and 1 and 2 threads give the same bits."""
-    _take_w_h_past_every_budget(monkeypatch)
-    width = gemm.block_columns(np.dtype(dtype))
-    hidden = 2 * width + 5
-    monkeypatch.setattr(cpu, "MIN_CHUNKED_WEIGHT_BYTES",
-                        4 * hidden * hidden * np.dtype(dtype).itemsize - 1)
-    assert_one_and_two_threads_agree(dtype, hidden, batch=9, seed=30)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
