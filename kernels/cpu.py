@@ -1116,9 +1116,10 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     team_bounds[t, 3] holds flags: :data:`STREAMS` where each member's share
     of the team's W_h is larger than the budget of W_h kept in a core's L2
     (``budgets[1]``), so that it comes from memory every step and the time
-    loops prefetch it (:func:`.gemm.product_tile`); :data:`SLICES_FIT` where two time-loop tiles'
-    slices of W_h (:func:`_tile_units`) fit in ``budgets[1]``, so that every
-    tile may prefetch the next one's (:func:`_prefetches_next_unit`).
+    loops prefetch it (:func:`.gemm.product_tile`); :data:`SLICES_FIT` where
+    two time-loop tiles' slices of W_h (:func:`_tile_units`) fit in
+    ``budgets[1]``, so that every tile may prefetch the next one's
+    (:func:`_prefetches_next_unit`).
     """
     batch = lengths.shape[0]
     if n_workers % n_dirs:
