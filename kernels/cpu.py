@@ -71,6 +71,7 @@ from .gemm import (
     pack_gate_panels,
     pack_panels,
     pack_panels_summing,
+    product_in_depth_passes,
     packing_scratch_shape,
     packs_as_it_goes,
     panel_shape,
@@ -390,13 +391,12 @@ def _project_chunk(x, w_x_panels, bias, gates, lengths, owned, d_lo, n_dirs, ste
     gates: (D, T * B, 4H) out; row_lists: the worker's (running, gate_rows,
     next_rows) for :func:`_list_running`, which lists each step's rows; rows:
     (D, C * B) int64 scratch, C >= step_hi - step_lo. The rows run in groups
-    of at most TILE_ROWS over all 4H columns, in passes of TILE_DEPTH values
-    of k, the bias added last: every element sums as :func:`.gemm.matmul`
-    sums it, so the gates are the same bits whichever way they were
-    projected.
+    of at most TILE_ROWS over all 4H columns, each a tile of
+    :func:`.gemm.matmul` (:func:`.gemm.product_in_depth_passes`), so the
+    gates are the same bits whichever way they were projected.
     """
     running, gate_rows, next_rows = row_lists
-    depth, n_cols = x.shape[1], gates.shape[2]
+    n_cols = gates.shape[2]
     n_rows = 0
     for step in range(step_lo, step_hi):
         count = _list_running(step, lengths, owned, lengths.shape[0], running, gate_rows,
@@ -408,11 +408,8 @@ def _project_chunk(x, w_x_panels, bias, gates, lengths, owned, d_lo, n_dirs, ste
     for d in range(d_lo, d_lo + n_dirs):
         for group in range(n_groups):
             first, last = group * n_rows // n_groups, (group + 1) * n_rows // n_groups
-            for k_lo in range(0, max(depth, 1), TILE_DEPTH):
-                product_tile(x, rows[d], rows[d], first, last, w_x_panels[d, 0], k_lo,
-                             min(k_lo + TILE_DEPTH, depth), 0, n_cols, gates[d], 0, k_lo > 0)
-            for n in range(first, last):
-                add_into(bias[d], gates[d, rows[d, n]])
+            product_in_depth_passes(x, rows[d], first, last, w_x_panels[d, 0], 0, n_cols,
+                                    gates[d], False, bias[d], False)
 
 
 @njit(parallel=True, cache=True, error_model=CELL_ERROR_MODEL, fastmath=CELL_FASTMATH)

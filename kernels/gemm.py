@@ -1088,6 +1088,28 @@ def add_into(source, destination):
         destination[j] += source[j]
 
 
+@njit(inline="always")
+def product_in_depth_passes(a, rows, row_lo, row_hi, panels, col_lo, col_hi, out, accumulate,
+                            bias, prefetch):
+    """``out[r, col_lo:col_hi] (+)= a[r] @ b[:, col_lo:col_hi] (+ bias[col_lo:col_hi])``
+    for r in ``rows[row_lo:row_hi]``: one tile of :func:`matmul`, whose
+    shapes it takes, over all of k in passes of TILE_DEPTH (each pass's sum
+    added onto the last), the bias added once the product is complete.
+    Every caller that sums this way gets the bits :func:`matmul` gets.
+    prefetch: :func:`product_tile`'s; the last panel of a pass prefetches
+    the first panel's rows of the next pass."""
+    depth = a.shape[1]
+    for k_lo in range(0, max(depth, 1), TILE_DEPTH):
+        k_hi = min(k_lo + TILE_DEPTH, depth)
+        following = row_address(panels[col_lo // panels.shape[2]], k_hi) if k_hi < depth else 0
+        product_tile(a, rows, rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out, 0,
+                     accumulate or k_lo > 0, 0, prefetch, following)
+    if bias.shape[0] > 0:
+        tile_bias = bias[col_lo:col_hi]
+        for n in range(row_lo, row_hi):
+            add_into(tile_bias, out[rows[n], col_lo:col_hi])
+
+
 @njit(parallel=True, cache=True)
 def matmul(a, panels, rows, out, accumulate, bias):
     """``out[r] (+)= a[r] @ b (+ bias)`` for r in ``rows``, in parallel tiles.
@@ -1133,16 +1155,8 @@ def matmul(a, panels, rows, out, accumulate, bias):
             row_lo = (tile // n_col_tiles) * tile_rows
             col_lo = (tile % n_col_tiles) * tile_cols
         row_hi, col_hi = min(row_lo + tile_rows, n_rows), min(col_lo + tile_cols, n_cols)
-        for k_lo in range(0, max(depth, 1), TILE_DEPTH):
-            k_hi = min(k_lo + TILE_DEPTH, depth)
-            # After the tile's last panel, its first panel's next depth chunk.
-            following = row_address(panels[col_lo // panels.shape[2]], k_hi) if k_hi < depth else 0
-            product_tile(a, rows, rows, row_lo, row_hi, panels, k_lo, k_hi, col_lo, col_hi, out, 0,
-                         accumulate or k_lo > 0, 0, True, following)
-        if bias.shape[0] > 0:
-            tile_bias = bias[col_lo:col_hi]
-            for n in range(row_lo, row_hi):
-                add_into(tile_bias, out[rows[n], col_lo:col_hi])
+        product_in_depth_passes(a, rows, row_lo, row_hi, panels, col_lo, col_hi, out, accumulate,
+                                bias, True)
 
 
 #: Most bytes of a's rows per value of k (rows x itemsize) for which a

@@ -38,9 +38,15 @@ def assert_random_run_matches_reference(lstm, reference, rng, steps, batch, leng
     actual = run_layer(lstm, x, lengths, None, dy, None)
     expected = run_layer(reference, x.astype(np.float64), lengths, None, dy.astype(np.float64),
                          None)
-    for name, value in expected.items():
+    assert_results_close(actual, expected, dtype)
+
+
+def assert_results_close(actual, exact, dtype, context=""):
+    """Every result of :func:`run_layer` in ``actual`` within the ``dtype``
+    tolerance of the float64 run ``exact``."""
+    for name, value in exact.items():
         error = relative_error(actual[name], value)
-        assert error <= TOLERANCE[np.dtype(dtype)], f"{name}: {error:.2e}"
+        assert error <= TOLERANCE[np.dtype(dtype)], f"{name}{context}: {error:.2e}"
 
 
 def twin_layers(backend, dtype, seed=0, **options):
@@ -470,7 +476,7 @@ def test_rows_in_teams_match_the_reference(backend, dtype, bidirectional):
 
 @njit
 def _projection_steps(n_dirs, lengths, hidden, itemsize, steps, n_workers, budgets):
-    team_rows, team_bounds = cpu._teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets)
+    _, team_bounds = cpu._teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets)
     return cpu._projection_steps(team_bounds, n_workers, hidden, itemsize, steps, budgets)
 
 
@@ -509,5 +515,4 @@ def test_projection_in_chunks_gives_the_bits_of_one_product(dtype, bidirectional
             actual = run_layer(lstm, x, lengths, None, dy, None)
         for name, value in expected.items():
             np.testing.assert_array_equal(actual[name], value, err_msg=f"{name}, {threads}")
-            error = relative_error(actual[name], exact[name])
-            assert error <= TOLERANCE[np.dtype(dtype)], f"{name}, {threads}: {error:.2e}"
+        assert_results_close(actual, exact, dtype, f", {threads} threads")
