@@ -72,11 +72,11 @@ from .gemm import (
     pack_gate_panels,
     pack_panels,
     pack_panels_summing,
-    product_in_depth_passes,
     packing_scratch_shape,
     packs_as_it_goes,
     panel_shape,
     panel_width,
+    product_in_depth_passes,
     product_tile,
     row_address,
     stream_into,
@@ -520,7 +520,7 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     store_fence()
                 finish(done[team], step)
             wait_until_done(done[team], step, n_tiles)
-        # When nothing is saved, only y was streamed: one fence covers it.
+        # y's stores: fenced here once where no per-tile fence (saves) did.
         store_fence()
 
 
