@@ -51,7 +51,9 @@ class HostBackend:
 
         Never written by the kernels.
         """
-        return np.zeros(shape, dtype) if value is None else np.ascontiguousarray(value).reshape(shape)
+        if value is None:
+            return np.zeros(shape, dtype)
+        return np.ascontiguousarray(value).reshape(shape)
 
     def scale(self, values, factors):
         """values *= factors, in place."""

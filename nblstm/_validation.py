@@ -35,7 +35,8 @@ def check_tensor(value, name, shape, dtype, what):
     """
     check_array(value, name, ndim=len(shape))
     if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(value.shape)}")
+        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, "
+                         f"got {tuple(value.shape)}")
     if np.dtype(value.dtype) != dtype:
         raise TypeError(f"{name} has dtype {np.dtype(value.dtype)}, expected {dtype} like x "
                         "(nblstm never casts: convert it yourself)")

@@ -182,7 +182,7 @@ class LSTM:
         dy = api.check_output_gradient(impl, dy, steps, batch, n_dirs * hidden, self.dtype,
                                        self.batch_first, "D*H")
         dh_n, dc_n = self._check_states(impl, d_state, "d_state", batch)
-        grads, dh0, dc0 = [None] * self.num_layers, [None] * self.num_layers, [None] * self.num_layers
+        grads, dh0, dc0 = ([None] * self.num_layers for _ in range(3))
         for layer in reversed(range(self.num_layers)):
             rows = slice(layer * n_dirs, (layer + 1) * n_dirs)
             dx, dh0[layer], dc0[layer], dw_x, dw_h, db = api.backward_layer(
@@ -208,7 +208,8 @@ class LSTM:
         return self
 
     def state_dict(self):
-        """The parameters as plain NumPy arrays, ``{"l{layer}.d{direction}.{W_x|W_h|b}": array}``."""
+        """The parameters as plain NumPy arrays,
+        ``{"l{layer}.d{direction}.{W_x|W_h|b}": array}``."""
         return {f"l{layer}.d{d}.{field}": getattr(p.to_host(), field).copy()
                 for layer, directions in enumerate(self.params)
                 for d, p in enumerate(directions) for field in ("W_x", "W_h", "b")}

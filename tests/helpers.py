@@ -36,4 +36,5 @@ def assert_matches_reference(actual, problem, names=None):
         assert actual[name].dtype == dtype, f"{name} has dtype {actual[name].dtype}, not {dtype}"
         assert actual[name].shape == expected[name].shape, name
         error = relative_error(actual[name], expected[name])
-        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"
+        assert error <= TOLERANCE[dtype], (
+            f"{name}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}")
