@@ -208,8 +208,7 @@ class LSTM:
         return self
 
     def state_dict(self):
-        """The parameters as plain NumPy arrays,
-        ``{"l{layer}.d{direction}.{W_x|W_h|b}": array}``."""
+        """The parameters as plain NumPy arrays, keyed ``"l{layer}.d{direction}.{W_x|W_h|b}"``."""
         return {f"l{layer}.d{d}.{field}": getattr(p.to_host(), field).copy()
                 for layer, directions in enumerate(self.params)
                 for d, p in enumerate(directions) for field in ("W_x", "W_h", "b")}
