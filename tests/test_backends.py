@@ -7,9 +7,11 @@ from helpers import (TOLERANCE, as_float64, assert_matches_reference, compiled_b
                      random_problem, relative_error, run)
 
 # (T, B, I, H): B=1, T=1, H not a multiple of 8, I != H, more units than one
-# tile, and several tiles a worker (which odd steps visit in reverse).
-SHAPES = [(1, 1, 1, 1), (1, 3, 4, 5), (6, 1, 7, 3), (5, 4, 3, 9), (3, 10, 17, 33),
-          (9, 2, 6, 70), (7, 3, 5, 330)]
+# tile, and several tiles a worker (which odd steps visit in reverse); H=16
+# makes each row of y whole cache lines, which the CPU loop streams out with
+# non-temporal stores instead of copying.
+SHAPES = [(1, 1, 1, 1), (1, 3, 4, 5), (6, 1, 7, 3), (5, 4, 3, 9), (4, 3, 6, 16),
+          (3, 10, 17, 33), (9, 2, 6, 70), (7, 3, 5, 330)]
 DTYPES = [np.float32, np.float64]
 
 
