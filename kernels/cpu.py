@@ -520,7 +520,8 @@ def forward_loop(gates, w_h_panels, h_ring, c_ring, lengths, team_rows, team_bou
                     store_fence()
                 finish(done[team], step)
             wait_until_done(done[team], step, n_tiles)
-        # y's stores: fenced here once where no per-tile fence (saves) did.
+        # Makes this worker's streamed stores of y visible before the region
+        # ends; when saving, each tile's fence above already has.
         store_fence()
 
 
