@@ -250,3 +250,21 @@ def test_bounds_take_the_faster_of_the_start_and_nearby_rates(monkeypatch):
     row = bench.measure(point, with_numpy=False, facts=facts)
     with_cell = point.flops / 300e9 + 100 * 32 * 128 * 1e-9 / bench.numba.get_num_threads()
     assert row.cell_ceiling == pytest.approx(0.012 / with_cell)
+
+
+def test_gemm_rate_is_the_fastest_source(monkeypatch):
+    rates = bench.gemm_rates_by_source(np.float64, edge=64)
+    expected = {"numpy", "nblstm"} | ({"torch"} if importlib.util.find_spec("torch") else set())
+    assert set(rates) == expected and all(rate > 0 for rate in rates.values())
+    monkeypatch.setattr(bench, "gemm_rates_by_source",
+                        lambda dtype, edge: {"numpy": 249.0, "nblstm": 444.0, "torch": 217.0})
+    assert bench.gemm_rate(np.float32) == 444.0
+
+
+def test_own_product_computes_a_times_b():
+    rng = np.random.default_rng(11)
+    a, b = rng.standard_normal((70, 45)), rng.standard_normal((45, 90))
+    a_before, b_before = a.copy(), b.copy()
+    np.testing.assert_allclose(bench._own_product(a, b)(), a @ b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(a, a_before)
+    np.testing.assert_array_equal(b, b_before)
