@@ -85,10 +85,19 @@ from .gemm import (
 )
 from .sync import claim, counters, finish, store_fence, wait_until_done
 
-#: Hidden units per tile, at most (:func:`_tile_units`): a tile's slice of
-#: W_h is (H, 4 * units). A multiple of the products' block width, so tiles
-#: start on panel edges.
-UNITS_PER_TILE = 64
+#: Hidden units per tile, at most (:func:`_tile_units`, :func:`_tile_shape`):
+#: a tile's slice of W_h is (H, 4 * units). A multiple of the products'
+#: block width, so tiles start on panel edges. Measured on a 2-core Zen 5
+#: (1 MiB L2 a core), whole calls (``bench/ab.py --api``), 128 units with
+#: MAX_TILE_WEIGHT_BYTES at half a core's L2, against 64 with a quarter:
+#: f32 forward H=256 B=1 1.20x / 1.03x (two runs), B=8 1.04x, B=32 1.04x /
+#: 1.02x, B=128 1.03x; H=128 B=1 1.04x, B=8 1.07x, B=32 1.035x, B=128 1.01x
+#: / 1.03x; f32 fwd+bwd H=256 B=1 1.12x / 1.03x, H=128 B=8 1.11x / 1.10x,
+#: H=256 B=8 1.04x, B=32 1.02x, H=128 B=128 1.02x; f64 forward H=256 B=8
+#: 1.03x, B=32 1.06x, H=128 B=8-128 1.01-1.02x; f64 fwd+bwd H=256 B=8 1.05x,
+#: B=32 1.01x, H=128 B=128 1.02x; f32 H=512, whose tiles stay at 64 units,
+#: 0.999-1.008x.
+UNITS_PER_TILE = 128
 #: Batch rows per tile: a multiple of the products' block height.
 ROWS_PER_TILE = 24
 #: Divisions in the cell math go unchecked (IEEE results instead of a
@@ -967,18 +976,25 @@ def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budge
     tiles), the tiles stay small but run in the same passes: passes round
     differently from one pass, so whether they run depends on the problem's
     sizes only, never on the thread count.
+
+    Small tiles take :func:`_tile_units` units, halved (down to the panel
+    width W) while a step of the team with the fewest rows would have fewer
+    tiles than the team has members: at B=1, H=128, f32, one tile of 128
+    units would leave the second worker idle.
     """
-    units = _tile_units(hidden, itemsize, budgets)
     min_batch, wide_rows, wide_units, pass_depth = budgets[5:9]
-    if not backward or batch < min_batch:
-        return ROWS_PER_TILE, units, N_GATES * hidden
     team_size = n_workers // team_bounds.shape[0]
     team_dirs = team_bounds[0, 1] - team_bounds[0, 0]
     fewest_rows = team_bounds[:, 2].min()
-    n_wide_tiles = team_dirs * -(-fewest_rows // wide_rows) * -(-hidden // wide_units)
-    if n_wide_tiles < team_size:
-        return ROWS_PER_TILE, units, pass_depth
-    return wide_rows, wide_units, pass_depth
+    wide = backward and batch >= min_batch
+    if wide and team_dirs * -(-fewest_rows // wide_rows) * -(-hidden // wide_units) >= team_size:
+        return wide_rows, wide_units, pass_depth
+    units = _tile_units(hidden, itemsize, budgets)
+    width = panel_width(itemsize)
+    row_tiles = team_dirs * -(-fewest_rows // ROWS_PER_TILE)
+    while units > width and row_tiles * -(-hidden // units) < team_size:
+        units = max(width, units // 2 // width * width)
+    return ROWS_PER_TILE, units, pass_depth if wide else N_GATES * hidden
 
 
 @njit(inline="always")
@@ -1048,8 +1064,8 @@ MAX_TEAM_WEIGHT_BYTES = core_cache_bytes() // 2
 MIN_ROWS_PER_TEAM_FROM_L3 = 16
 MAX_TEAM_WEIGHT_BYTES_FROM_L3 = 4 * MAX_TEAM_WEIGHT_BYTES
 #: The largest slice of W_h one time-loop tile reads (:func:`_tile_units`):
-#: a quarter of a core's L2.
-MAX_TILE_WEIGHT_BYTES = core_cache_bytes() // 4
+#: half a core's L2 (measured against a quarter: see UNITS_PER_TILE).
+MAX_TILE_WEIGHT_BYTES = core_cache_bytes() // 2
 #: Flags of team_bounds[t, 3] (:func:`_teams`): the members' W_h streams from
 #: memory; two tiles' slices of it fit beside each other in the budget of
 #: W_h kept in L2.

@@ -314,8 +314,8 @@ def test_tiles_take_fewer_units_where_their_slice_of_w_h_is_large(monkeypatch):
                        if 4 * hidden * units * itemsize <= 2 ** 19]
             expected = max(fitting) if fitting else width
             assert _tile_units(hidden, itemsize, budgets) == expected, (hidden, dtype)
-    # f64 H=256 takes whole tiles; f64 H=1024 (2 MiB at 64 units) fewer.
-    assert _tile_units(256, 8, budgets) == cpu.UNITS_PER_TILE
+    # f64 H=128 takes whole tiles (512 KiB at 128 units); f64 H=1024 fewer.
+    assert _tile_units(128, 8, budgets) == cpu.UNITS_PER_TILE
     assert _tile_units(1024, 8, budgets) < cpu.UNITS_PER_TILE
 
 
@@ -404,6 +404,27 @@ def test_backward_tiles_widen_from_enough_rows_while_every_member_gets_one():
     # Two teams of 64 rows, one worker each: a tile each is enough.
     two_teams = np.array([[0, 1, 64, 0], [0, 1, 64, 0]])
     assert _tile_shape(128, 256, 8, two_teams, 2, True, budgets) == wide
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_tiles_halve_until_every_member_gets_one(dtype, monkeypatch):
+    """:func:`kernels.cpu._tile_shape` halves the units of small tiles (down to
+    one panel) while a step would have fewer tiles than the team members."""
+    monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 2 ** 40)
+    budgets = cpu._team_budgets()
+    itemsize, width = np.dtype(dtype).itemsize, gemm.block_columns(np.dtype(dtype))
+    hidden, whole = cpu.UNITS_PER_TILE, cpu.UNITS_PER_TILE
+
+    def units(team_bounds, n_workers, backward=False):
+        return _tile_shape(1, hidden, itemsize, team_bounds, n_workers, backward, budgets)[1]
+
+    one_row = np.array([[0, 1, 1, 0]])
+    assert units(one_row, 1) == whole
+    assert units(one_row, 2) == units(one_row, 2, backward=True) == max(width, whole // 2)
+    assert units(one_row, 2 * whole) == width
+    # Two directions, or two row tiles, already give two members a tile each.
+    assert units(np.array([[0, 2, 1, 0]]), 2) == whole
+    assert units(np.array([[0, 1, cpu.ROWS_PER_TILE + 1, 0]]), 2) == whole
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
