@@ -977,10 +977,7 @@ def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budge
     differently from one pass, so whether they run depends on the problem's
     sizes only, never on the thread count.
 
-    Small tiles take :func:`_tile_units` units, halved (down to the panel
-    width W) while a step of the team with the fewest rows would have fewer
-    tiles than the team has members: at B=1, H=128, f32, one tile of 128
-    units would leave the second worker idle.
+    Small tiles take :func:`_small_tile_units` units.
     """
     min_batch, wide_rows, wide_units, pass_depth = budgets[5:9]
     team_size = n_workers // team_bounds.shape[0]
@@ -989,12 +986,24 @@ def _tile_shape(batch, hidden, itemsize, team_bounds, n_workers, backward, budge
     wide = backward and batch >= min_batch
     if wide and team_dirs * -(-fewest_rows // wide_rows) * -(-hidden // wide_units) >= team_size:
         return wide_rows, wide_units, pass_depth
+    units = _small_tile_units(hidden, itemsize, budgets, team_dirs, fewest_rows, team_size)
+    return ROWS_PER_TILE, units, pass_depth if wide else N_GATES * hidden
+
+
+@njit(inline="always")
+def _small_tile_units(hidden, itemsize, budgets, team_dirs, fewest_rows, team_size):
+    """Hidden units per small tile (ROWS_PER_TILE rows) of teams of
+    ``team_size`` workers running ``team_dirs`` directions over at least
+    ``fewest_rows`` rows: :func:`_tile_units`, halved (down to the panel
+    width W) while a step would have fewer tiles than the team has members.
+    At B=1, H=128, f32, one tile of 128 units would leave the second worker
+    idle."""
     units = _tile_units(hidden, itemsize, budgets)
     width = panel_width(itemsize)
     row_tiles = team_dirs * -(-fewest_rows // ROWS_PER_TILE)
     while units > width and row_tiles * -(-hidden // units) < team_size:
         units = max(width, units // 2 // width * width)
-    return ROWS_PER_TILE, units, pass_depth if wide else N_GATES * hidden
+    return units
 
 
 @njit(inline="always")
@@ -1140,7 +1149,7 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
     of the team's W_h is larger than the budget of W_h kept in a core's L2
     (``budgets[1]``), so that it comes from memory every step and the time
     loops prefetch it (:func:`.gemm.product_tile`); :data:`SLICES_FIT` where
-    two time-loop tiles' slices of W_h (:func:`_tile_units`) fit in
+    two time-loop tiles' slices of W_h (:func:`_small_tile_units`) fit in
     ``budgets[1]``, so that every tile may prefetch the next one's
     (:func:`_prefetches_next_unit`).
     """
@@ -1151,13 +1160,15 @@ def _teams(n_dirs, lengths, hidden, itemsize, n_workers, budgets):
         n_direction_teams, workers_per_direction = n_dirs, n_workers // n_dirs
     weight_bytes = N_GATES * hidden * hidden * itemsize
     split = _rows_split_pays(batch // workers_per_direction, weight_bytes, budgets)
-    slice_bytes = N_GATES * hidden * _tile_units(hidden, itemsize, budgets) * itemsize
-    slices_fit = 2 * slice_bytes <= budgets[1]
     cuts = _row_cuts(lengths, workers_per_direction if split else 1)
     n_groups = cuts.shape[0] - 1
     team_rows = np.zeros((n_direction_teams * n_groups, batch), np.int64)
     team_bounds = np.zeros((n_direction_teams * n_groups, 4), np.int64)
     workers_per_team = n_workers // team_bounds.shape[0]
+    team_dirs = 1 if n_direction_teams == n_dirs else n_dirs
+    units = _small_tile_units(hidden, itemsize, budgets, team_dirs, np.diff(cuts).min(),
+                              workers_per_team)
+    slices_fit = 2 * N_GATES * hidden * units * itemsize <= budgets[1]
     for direction_team in range(n_direction_teams):
         d_lo = direction_team if n_direction_teams == n_dirs else 0
         d_hi = d_lo + 1 if n_direction_teams == n_dirs else n_dirs

@@ -427,6 +427,22 @@ def test_small_tiles_halve_until_every_member_gets_one(dtype, monkeypatch):
     assert units(np.array([[0, 1, cpu.ROWS_PER_TILE + 1, 0]]), 2) == whole
 
 
+def test_slices_fit_for_the_halved_tiles(monkeypatch):
+    """The SLICES_FIT flag of :func:`kernels.cpu._teams` is read for the tiles
+    the loop runs: at f64 H=128 (whole tiles of 128 units, a 512 KiB slice),
+    two slices fit a 512 KiB budget only where a team of two halves them."""
+    monkeypatch.setattr(cpu, "MAX_TEAM_WEIGHT_BYTES", 2 ** 19)
+    monkeypatch.setattr(cpu, "MAX_TILE_WEIGHT_BYTES", 2 ** 19)
+    budgets = cpu._team_budgets()
+    f64_bytes = np.dtype(np.float64).itemsize
+
+    def flags(n_workers):
+        return cpu._teams(1, np.full(1, 7), 128, f64_bytes, n_workers, budgets)[1][0, 3]
+
+    assert flags(1) & cpu.SLICES_FIT == 0
+    assert flags(2) & cpu.SLICES_FIT == cpu.SLICES_FIT
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_wide_backward_tiles_match_the_reference(dtype, monkeypatch):
     """Wide backward tiles over two row tiles (the last short) and three unit
